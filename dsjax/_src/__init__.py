@@ -1,0 +1,1 @@
+"""Internals of dsjax: native-module loading, implementation choice, validation, bench harness."""
