@@ -126,3 +126,15 @@ def test_bench_cli_runs_quantizer_bench(tmp_path):
     assert all(r["median_s"] > 0 for r in data)
     proc = subprocess.run([sys.executable, "-m", "dsjax.bench", "nonexistent"], capture_output=True, text=True)
     assert proc.returncode != 0 and "unknown bench" in proc.stderr
+
+
+def test_cuda_module_built_where_nvcc_is_present():
+    import os
+    import shutil
+
+    if not shutil.which("nvcc") or os.environ.get("DSJAX_CUDA", "AUTO").upper() == "OFF":
+        pytest.skip("no nvcc on PATH (or DSJAX_CUDA=OFF): the CUDA module is not expected here")
+    mod = ffi.cuda_module()
+    assert mod.module is not None, mod.reason
+    assert "dsjax_deep_gemm_per_token_cast_to_fp8" in mod.targets
+    assert mod.module.compiled_arch() == "sm_90a"
