@@ -1,0 +1,95 @@
+"""Multi-head latent attention (MLA) of DeepSeek-V2/V3, training path.
+
+Follows ``MLA`` in DeepSeek-V3's inference/model.py: queries through a low-rank bottleneck
+(``wq_a`` -> RMSNorm -> ``wq_b``), keys/values from one compressed latent ``c_kv`` (``wkv_a``,
+RMSNorm, ``wkv_b``) plus a decoupled RoPE key ``k_pe`` shared by all heads. The attention here is
+differentiable pure JAX with float32 softmax ("naive" mode: K/V expanded from the latent). The
+decode path stores only the 576-wide latent row ``[kv_norm(c_kv), rope(k_pe)]`` per token and
+attends in latent space with absorbed weights (see :meth:`MLA.latent` and :meth:`MLA.absorbed`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.nn.config import DeepSeekV3Config
+from dsjax.nn.layers import RMSNorm, apply_rope, rope_frequencies
+
+
+class MLA(nnx.Module):
+    """DeepSeek-V3 multi-head latent attention.
+
+    Args:
+        cfg: dims (dim, n_heads, q_lora_rank, kv_lora_rank, qk_nope/rope_head_dim, v_head_dim) and
+            the softmax scale (``cfg.softmax_scale``, YaRN mscale included).
+        rngs: parameter initialization.
+    """
+
+    def __init__(self, cfg: DeepSeekV3Config, *, rngs: nnx.Rngs):
+        h, d = cfg.n_heads, cfg.dim
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)  # noqa: E731
+        if cfg.q_lora_rank > 0:
+            self.wq_a = lin(d, cfg.q_lora_rank)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
+            self.wq_b = lin(cfg.q_lora_rank, h * cfg.qk_head_dim)
+        else:
+            self.wq = lin(d, h * cfg.qk_head_dim)
+        self.wkv_a = lin(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
+        self.wkv_b = lin(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.wo = lin(h * cfg.v_head_dim, d)
+        self.cfg = cfg
+
+    def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(q_nope [B, S, H, nope], q_pe [B, S, H, rope]) with RoPE applied to q_pe."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank > 0 else self.wq(x)
+        q = q.reshape(b, s, cfg.n_heads, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+        return q_nope, apply_rope(q_pe, positions, rope_frequencies(cfg))
+
+    def latent(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The cached row per token: ``[kv_norm(c_kv) (kv_lora_rank), rope(k_pe) (rope dim)]``,
+        [B, S, kv_lora_rank + qk_rope_head_dim] (576 wide for DeepSeek-V3)."""
+        cfg = self.cfg
+        kv = self.wkv_a(x)
+        c, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
+        k_pe = apply_rope(k_pe, positions, rope_frequencies(cfg))
+        return jnp.concatenate([self.kv_norm(c), k_pe], axis=-1)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """Causal self-attention over the sequence. x [B, S, D], positions int32 [B, S]."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q_nope, q_pe = self.queries(x, positions)
+        lat = self.latent(x, positions)
+        c, k_pe = lat[..., :cfg.kv_lora_rank], lat[..., cfg.kv_lora_rank:]
+        kv = self.wkv_b(c).reshape(b, s, cfg.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+        f32 = jnp.float32
+        scores = (jnp.einsum("bshd,bthd->bhst", q_nope.astype(f32), k_nope.astype(f32))
+                  + jnp.einsum("bshd,btd->bhst", q_pe.astype(f32), k_pe.astype(f32))) * cfg.softmax_scale
+        causal = positions[:, None, :, None] >= positions[:, None, None, :]
+        scores = jnp.where(causal, scores, -jnp.inf)
+        p = jax.nn.softmax(scores, axis=-1)
+        o = jnp.einsum("bhst,bthd->bshd", p, v.astype(f32)).astype(x.dtype)
+        return self.wo(o.reshape(b, s, cfg.n_heads * cfg.v_head_dim))
+
+    def absorbed(self, q_nope: jax.Array) -> jax.Array:
+        """q_nope [..., H, nope] -> latent-space queries [..., H, kv_lora_rank] (q·W_UK)."""
+        cfg = self.cfg
+        w = self.wkv_b.kernel[...].reshape(cfg.kv_lora_rank, cfg.n_heads, -1)
+        w_uk = w[..., :cfg.qk_nope_head_dim]  # [C, H, nope]
+        return jnp.einsum("...hd,chd->...hc", q_nope.astype(jnp.float32), w_uk.astype(jnp.float32))
+
+    def output_from_latent(self, o_latent: jax.Array) -> jax.Array:
+        """Attention output in latent space [B, S, H, C] -> [B, S, D] (·W_UV, then wo)."""
+        cfg = self.cfg
+        w = self.wkv_b.kernel[...].reshape(cfg.kv_lora_rank, cfg.n_heads, -1)
+        w_uv = w[..., cfg.qk_nope_head_dim:]  # [C, H, v]
+        o = jnp.einsum("bshc,chd->bshd", o_latent.astype(jnp.float32), w_uv.astype(jnp.float32))
+        b, s = o.shape[:2]
+        return self.wo(o.reshape(b, s, -1).astype(self.wo.kernel.dtype))
