@@ -106,8 +106,10 @@ class DeepSeekV3Config:
         base = cls(
             vocab_size=256, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=4, n_dense_layers=1,
             n_heads=4, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
-            n_expert_groups=4, n_limited_groups=2, q_lora_rank=64, kv_lora_rank=64,
-            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_seq_len=256,
+            n_expert_groups=4, n_limited_groups=2, q_lora_rank=64,
+            # FlashMLA's cache row is 512 latent + 64 RoPE channels; the tiny model keeps that width
+            # so that it decodes through the same kernels as the full one.
+            kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, max_seq_len=256,
             original_seq_len=256, dtype="float32", use_fp8=False, seq_aux_alpha=0.0001,
         )
         return dataclasses.replace(base, **overrides)

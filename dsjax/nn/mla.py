@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsjax.flash_mla import PagedMLACache
 from dsjax.nn.config import DeepSeekV3Config
 from dsjax.nn.layers import RMSNorm, apply_rope, rope_frequencies
 
@@ -93,3 +94,29 @@ class MLA(nnx.Module):
         o = jnp.einsum("bshc,chd->bshd", o_latent.astype(jnp.float32), w_uv.astype(jnp.float32))
         b, s = o.shape[:2]
         return self.wo(o.reshape(b, s, -1).astype(self.wo.kernel.dtype))
+
+    def decode(self, x: jax.Array, positions: jax.Array, cache: PagedMLACache, *,
+               implementation: str = "auto") -> tuple[jax.Array, PagedMLACache]:
+        """Attention for new tokens over the paged latent cache, with weight absorption.
+
+        Appends the new tokens' latent rows to ``cache`` and attends from their absorbed queries
+        (``q_nope·W_UK`` next to ``q_pe``, 576 wide) with FlashMLA, causally (bottom-right aligned,
+        so new token i sees the cached tokens and new tokens <= i).
+
+        Args:
+            x: [B, T, D] hidden states of T new tokens per sequence (T = 1 for plain decoding).
+            positions: int32 [B, T] their absolute positions (= the cached length before them).
+            cache: this layer's cache, rows of width kv_lora_rank + qk_rope_head_dim (576).
+
+        Returns:
+            ([B, T, D] attention output, the cache with the new rows).
+        """
+        cfg = self.cfg
+        q_nope, q_pe = self.queries(x, positions)
+        rows = self.latent(x, positions)[:, :, None, :]  # [B, T, 1, 576]: one latent "KV head"
+        cache = cache.append(rows.astype(cache.pages.dtype) if not cache.fp8 else rows)
+        dtype = jnp.bfloat16 if cache.fp8 else cache.pages.dtype
+        q = jnp.concatenate([self.absorbed(q_nope), q_pe.astype(jnp.float32)], axis=-1).astype(dtype)
+        o_latent, _ = cache.attend(q, head_dim_v=cfg.kv_lora_rank, softmax_scale=cfg.softmax_scale,
+                                   causal=True, implementation=implementation)
+        return self.output_from_latent(o_latent), cache

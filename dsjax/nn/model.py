@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dsjax.flash_mla import PagedMLACache
 from dsjax.nn.config import DeepSeekV3Config
 from dsjax.nn.layers import MLP, RMSNorm
 from dsjax.nn.mla import MLA
@@ -35,6 +36,12 @@ class DeepSeekV3Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), positions)
         return x + self.ffn(self.ffn_norm(x))
+
+    def decode(self, x: jax.Array, positions: jax.Array, cache: PagedMLACache, *,
+               implementation: str = "auto") -> tuple[jax.Array, PagedMLACache]:
+        a, cache = self.attn.decode(self.attn_norm(x), positions, cache, implementation=implementation)
+        x = x + a
+        return x + self.ffn(self.ffn_norm(x)), cache
 
 
 class MTPHead(nnx.Module):
@@ -86,6 +93,32 @@ class DeepSeekV3(nnx.Module):
             hm = self.mtp(h[:, :-1], nxt, positions[:, :-1])
             mtp_logits = self.head(hm).astype(jnp.float32)
         return Outputs(logits, mtp_logits, h)
+
+
+    def init_caches(self, batch: int, max_len: int, *, page_block_size: int = 64,
+                    dtype=jnp.float32, fp8: bool = False) -> list[PagedMLACache]:
+        """One empty paged latent cache per layer, room for ``max_len`` tokens per sequence."""
+        blocks = -(-max_len // page_block_size)
+        width = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+        if width != 576:
+            raise ValueError(f"DeepSeekV3.init_caches: FlashMLA caches are 576 wide (kv_lora_rank 512 + "
+                             f"qk_rope_head_dim 64), this config has {width}")
+        return [PagedMLACache.create(batch * blocks, page_block_size, batch, blocks, dtype=dtype, fp8=fp8)
+                for _ in self.layers]
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, caches: list[PagedMLACache], *,
+               implementation: str = "auto") -> tuple[jax.Array, list[PagedMLACache]]:
+        """Logits [B, T, V] of T new tokens per sequence, attending over and extending ``caches``.
+
+        Prefill is the same call with T = prompt length; plain decoding uses T = 1. ``positions``
+        [B, T] must continue each sequence (the cached length before the new tokens).
+        """
+        x = self.embed(tokens).astype(jnp.dtype(self.cfg.dtype))
+        new = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer.decode(x, positions, cache, implementation=implementation)
+            new.append(cache)
+        return self.head(self.norm(x)).astype(jnp.float32), new
 
 
 class LossParts(NamedTuple):
