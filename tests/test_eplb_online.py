@@ -1,0 +1,191 @@
+"""Tests of the online EPLB pieces: load tracker, replica routing, weight relayout on 8 devices."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dsjax.eplb import (ExpertLoad, ExpertLoadTracker, count_experts, rebalance_experts,
+                        relayout_expert_weights, replica_route)
+
+# --------------------------------------------------------------------------- tracker
+
+
+def test_count_experts_ignores_padding():
+    idx = jnp.array([[0, 2], [2, -1], [5, 1]], jnp.int32)  # 5 >= E: not counted either
+    np.testing.assert_array_equal(np.asarray(count_experts(idx, 4)), [1, 1, 2, 0])
+
+
+def test_tracker_sliding_window_under_jit():
+    layers, experts, window = 2, 6, 3
+    rng = np.random.default_rng(0)
+    steps = [rng.integers(-1, experts, (layers, 5, 2)) for _ in range(5)]
+
+    @jax.jit
+    def step(tr, idx):
+        # Count layer by layer with a traced layer index (as inside a scan over layers), then
+        # the whole stack again at once: every token is counted twice.
+        tr = jax.lax.fori_loop(0, layers, lambda l, t: t.add(idx[l], layer=l), tr)
+        return tr.add(idx).advance()
+
+    tr = ExpertLoadTracker.create(layers, experts, window=window)
+    for t, idx in enumerate(steps):
+        tr = step(tr, jnp.asarray(idx, jnp.int32))
+        # After advance() the current slot is empty; the window holds the last W - 1 steps.
+        recent = steps[max(0, t - window + 2):t + 1]
+        want = np.zeros((layers, experts))
+        for s in recent:
+            for l in range(layers):
+                v = s[l].reshape(-1)
+                want[l] += 2 * np.bincount(v[v >= 0], minlength=experts)
+        np.testing.assert_array_equal(np.asarray(tr.load()), want)
+    assert int(tr.steps) == 5
+    tr = tr.add_counts(jnp.ones((layers, experts)))
+    assert float(tr.load().sum()) == pytest.approx(float(want.sum()) + layers * experts)
+
+
+def test_tracker_is_pytree_and_nnx_state():
+    tr = ExpertLoadTracker.create(2, 4, window=2)
+    leaves, treedef = jax.tree_util.tree_flatten(tr)
+    assert len(leaves) == 3
+    assert jax.tree_util.tree_unflatten(treedef, leaves).window == 2
+
+    class Moe(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones((3,)))
+            self.load = ExpertLoad(ExpertLoadTracker.create(2, 4, window=2))
+
+        def __call__(self, idx):
+            self.load.set_value(self.load.get_value().add(idx))
+            return self.w[...].sum()
+
+    m = Moe()
+
+    @nnx.jit
+    def fwd(m, idx):
+        return m(idx)
+
+    fwd(m, jnp.array([[[0, 1]], [[3, 3]]], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(m.load.get_value().load()),
+                                  [[1, 1, 0, 0], [0, 0, 0, 2]])
+    # Not a parameter: an optimizer over nnx.Param does not see it.
+    params = nnx.state(m, nnx.Param)
+    assert len(jax.tree_util.tree_leaves(params)) == 1
+
+
+def test_tracker_errors():
+    tr = ExpertLoadTracker.create(2, 4)
+    with pytest.raises(ValueError, match=r"topk_idx must have shape \[2, ...\]"):
+        tr.add(jnp.zeros((3, 5), jnp.int32))
+    with pytest.raises(TypeError, match="topk_idx must have an integer dtype, got float32"):
+        tr.add(jnp.zeros((2, 5), jnp.float32))
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got 2"):
+        tr.add(jnp.zeros((5,), jnp.int32), layer=2)
+    with pytest.raises(ValueError, match="window must be an int >= 1, got 0"):
+        ExpertLoadTracker.create(2, 4, window=0)
+
+# --------------------------------------------------------------------------- routing
+
+
+def _solve_one_layer(seed=0):
+    w = (np.random.default_rng(seed).pareto(1.0, (1, 16)) * 100 + 1).astype(np.float32)
+    out = rebalance_experts(jnp.asarray(w), 32, 4, 2, 8)
+    return out.phy2log[0], out.log2phy[0], out.logcnt[0]
+
+
+@pytest.mark.parametrize("salt", [0, 3])
+def test_replica_route_balance_and_determinism(salt):
+    phy2log, log2phy, logcnt = _solve_one_layer()
+    rng = np.random.default_rng(1)
+    topk = rng.integers(0, 16, (333, 4)).astype(np.int32)
+    topk[::7, 1] = -1
+    route = jax.jit(lambda t, s: replica_route(t, log2phy, logcnt, salt=s))
+    phy = np.asarray(route(jnp.asarray(topk), salt))
+    np.testing.assert_array_equal(phy, np.asarray(route(jnp.asarray(topk), salt)))
+    assert (phy[topk < 0] == -1).all()
+    valid = topk >= 0
+    # Every routed slot holds the expert the token chose.
+    np.testing.assert_array_equal(np.asarray(phy2log)[phy[valid]], topk[valid])
+    # Tokens of an expert spread evenly over its replicas: sizes differ by at most one.
+    per_slot = np.bincount(phy[valid], minlength=32)
+    logcnt = np.asarray(logcnt)
+    assert (logcnt > 1).any()
+    for e in range(16):
+        slots = np.asarray(log2phy)[e, :logcnt[e]]
+        n_e = int((topk == e).sum())
+        loads = per_slot[slots]
+        assert loads.sum() == n_e
+        assert loads.max() - loads.min() <= 1, (e, loads)
+
+
+def test_replica_route_salt_rotates_and_shapes():
+    _, log2phy, logcnt = _solve_one_layer()
+    e = int(np.argmax(np.asarray(logcnt)))
+    topk = jnp.full((1, 1), e, jnp.int32)  # one token: the salt picks the replica
+    cnt = int(logcnt[e])
+    got = {int(replica_route(topk, log2phy, logcnt, salt=s)[0, 0]) for s in range(cnt)}
+    assert got == set(np.asarray(log2phy)[e, :cnt].tolist())
+    assert replica_route(jnp.zeros((0, 8), jnp.int32), log2phy, logcnt).shape == (0, 8)
+    with pytest.raises(ValueError, match=r"logcnt must have shape \(16,\)"):
+        replica_route(topk, log2phy, logcnt[:3])
+
+# --------------------------------------------------------------------------- relayout
+
+
+def _layouts():
+    w_a = (np.random.default_rng(2).pareto(1.0, (1, 16)) * 10 + 1).astype(np.float32)
+    w_b = (np.random.default_rng(3).pareto(1.0, (1, 16)) * 10 + 1).astype(np.float32)
+    a = rebalance_experts(jnp.asarray(w_a), 32, 4, 2, 8).phy2log[0]
+    b = rebalance_experts(jnp.asarray(w_b), 32, 4, 2, 8).phy2log[0]
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    return a, b
+
+
+def _expert_weights(phy2log, base):
+    # Replicas are copies of their expert: slot s holds base[phy2log[s]].
+    return jax.tree_util.tree_map(lambda x: x[np.asarray(phy2log)], base)
+
+
+def test_relayout_round_trip_gather():
+    a, b = _layouts()
+    base = {"w1": jnp.asarray(np.random.default_rng(4).normal(size=(16, 3, 5)), jnp.float32),
+            "w2": jnp.arange(16 * 2, dtype=jnp.int32).reshape(16, 2)}
+    wa = _expert_weights(a, base)
+    wb = jax.jit(relayout_expert_weights)(wa, a, b)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, wb, _expert_weights(b, base))
+    back = relayout_expert_weights(wb, b, a)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, wa)
+
+
+def test_relayout_under_shard_map_8_devices():
+    a, b = _layouts()
+    mesh = Mesh(np.array(jax.devices()[:8]), ("ep",))
+    base = jnp.asarray(np.random.default_rng(5).normal(size=(16, 4, 6)), jnp.float32)
+    wa = jax.device_put(_expert_weights(a, base), NamedSharding(mesh, P("ep")))
+
+    def move(w, old, new):
+        return relayout_expert_weights(w, old, new, axis_name="ep")
+
+    f = jax.jit(jax.shard_map(move, mesh=mesh, in_specs=(P("ep"), P(), P()), out_specs=P("ep")))
+    wb = f(wa, a, b)
+    np.testing.assert_array_equal(np.asarray(wb), np.asarray(_expert_weights(b, base)))
+    np.testing.assert_array_equal(np.asarray(f(wb, b, a)), np.asarray(wa))
+    # The lowered program moves data with collective permutes, not an all-gather.
+    hlo = f.lower(wa, a, b).as_text()
+    assert "collective_permute" in hlo and "all_gather" not in hlo
+
+
+def test_relayout_errors():
+    a, b = _layouts()
+    w = jnp.zeros((32, 2))
+    missing = jnp.asarray(np.where(np.asarray(a) == 0, 1, np.asarray(a)), jnp.int32)
+    with pytest.raises(ValueError, match=r"must appear in old_phy2log, missing \[0\]"):
+        relayout_expert_weights(w, missing, b)
+    with pytest.raises(ValueError, match=r"new_phy2log must have shape \(32,\)"):
+        relayout_expert_weights(w, a, b[:8])
+    with pytest.raises(ValueError, match="leading axis 32"):
+        relayout_expert_weights(jnp.zeros((31, 2)), a, b)
