@@ -35,6 +35,21 @@ class Record:
         return d
 
 
+def implementations() -> list[str]:
+    """The implementations a bench should time here: always the reference, plus the CPU FFI on
+    the CPU backend and the CUDA FFI on an NVIDIA GPU when their modules are usable."""
+    from dsjax._src import ffi
+
+    usable = ffi.backends()
+    platform = jax.default_backend()
+    out = ["reference"]
+    if usable["cpu"] and platform == "cpu":
+        out.append("cpu")
+    if usable["cuda"] and platform == "gpu":
+        out.append("cuda")
+    return out
+
+
 def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 5,
             min_time_s: float = 0.0) -> float:
     """Median wall time of ``fn(*args)`` in seconds, each call blocked until its result is ready.

@@ -29,22 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.bench._harness import Record, record, time_fn
+from dsjax.bench._harness import Record, implementations, record, time_fn
 
 RANKS, NODES = 8, 2
 _CHILD_ENV = "DSJAX_DEEP_EP_BENCH_CHILD"
 
 
 def _impls() -> list[str]:
-    from dsjax._src import ffi
-    b = ffi.backends()
-    platform = jax.default_backend()
-    out = ["reference"]
-    if b["cpu"] and platform == "cpu":
-        out.append("cpu")
-    if b["cuda"] and platform == "gpu":
-        out.append("cuda")
-    return out
+    return implementations()
 
 
 def _routing(t: int, k: int, e: int, seed: int = 0):

@@ -9,20 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax._src import ffi
-from dsjax.bench._harness import Record, record, time_fn
+from dsjax.bench._harness import Record, implementations, record, time_fn
 from dsjax.deep_gemm import per_block_cast_to_fp8, per_token_cast_to_fp8
 
 
 def _impls() -> list[str]:
-    b = ffi.backends()
-    platform = jax.default_backend()
-    out = ["reference"]
-    if b["cpu"] and platform == "cpu":
-        out.append("cpu")
-    if b["cuda"] and platform == "gpu":
-        out.append("cuda")
-    return out
+    return implementations()
 
 
 def _shapes(quick: bool) -> list[tuple[int, int]]:
