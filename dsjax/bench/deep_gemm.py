@@ -17,23 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from dsjax import deep_gemm as dg
-from dsjax._src import ffi
-from dsjax.bench._harness import Record, record, time_fn
+from dsjax.bench._harness import Record, implementations, record, time_fn
 
 BENCH = "deep_gemm"
 _NK_DENSE = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 _NK_GROUPED = [(4096, 7168), (7168, 2048)]
-
-
-def _impls() -> list[str]:
-    b = ffi.backends()
-    platform = jax.default_backend()
-    out = ["reference"]
-    if b["cpu"] and platform == "cpu":
-        out.append("cpu")
-    if b["cuda"] and platform == "gpu" and "cuda" in dg.gemm._HAS:
-        out.append("cuda")
-    return out
 
 
 def _cases(quick: bool) -> list[tuple[str, int, int, int, int]]:
@@ -110,7 +98,7 @@ def _case(kind: str, g: int, m: int, n: int, k: int, quick: bool) -> list[Record
     out: list[Record] = []
     f_bf = jax.jit(lambda x, w: _bf16_dot(kind, x, w))
     t_bf = time_fn(f_bf, *bf, warmup=2, repeats=reps)
-    for impl in _impls():
+    for impl in implementations():
         t = time_fn(fn(impl), a, b, warmup=2, repeats=reps)
         out.append(record(BENCH, shape, impl, t, nbytes=nbytes, flops=flops, vs_bf16=t_bf / t))
     out.append(record(BENCH, shape, "xla_bf16_dot", t_bf, nbytes=2 * nbytes, flops=flops,
