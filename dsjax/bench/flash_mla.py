@@ -16,22 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax._src import ffi
-from dsjax.bench._harness import Record, record, time_fn
+from dsjax.bench._harness import Record, implementations, record, time_fn
 from dsjax.flash_mla import flash_mla_with_kvcache, get_mla_metadata, quantize_kvcache
 
 PAGE = 64
-
-
-def _impls() -> list[str]:
-    b = ffi.backends()
-    platform = jax.default_backend()
-    out = ["reference"]
-    if b["cpu"] and platform == "cpu":
-        out.append("cpu")
-    if b["cuda"] and platform == "gpu":
-        out.append("cuda")
-    return out
 
 
 def _shapes(quick: bool) -> list[tuple[int, int, int, int]]:
@@ -54,7 +42,7 @@ def _problem(b: int, h_q: int, s_q: int, s_k: int):
 
 def _run(quick: bool) -> list[Record]:
     out: list[Record] = []
-    impls = _impls()
+    impls = implementations()
     with_fp8 = not quick
     for b, h_q, s_q, s_k in _shapes(quick):
         q, cache, table, lens = _problem(b, h_q, s_q, s_k)
