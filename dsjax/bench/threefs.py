@@ -4,7 +4,8 @@ grain's ArrayRecordDataSource, page cache warm and cold, plus a full grain pipel
 Datasets (written under /tmp and deleted afterwards): 200k records of 4 KiB and 20k of 64 KiB
 (``--quick``: 20k and 2k), in 8 FFRecord files each and the same records as ArrayRecord files
 (``group_size:1``, ArrayRecord's setting for random access). Each timed call reads one batch of 256
-random indices; the median over many batches is reported, with records/s and GB/s.
+random indices; implementations are timed round-robin in random order (same machine load), each on its own random
+batches (no CPU-cache warming by its neighbour); the median over many batches is reported.
 
 Rows (implementation):
   reference        plain Python loop: seek + read per record over the FFRecord files (no CRC)
@@ -71,18 +72,31 @@ def _drop_cache(paths: list[str]) -> bool:
     return ok
 
 
-def _median_batch_time(fn: Callable[[np.ndarray], Any], batches: list[np.ndarray], *, before: Callable[[], Any] | None = None,
-                       warmup: int = 3) -> float:
-    for b in batches[:warmup]:
-        fn(b)
-    times = []
-    for b in batches:
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn(b)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved_medians(impls: dict[str, Callable[[np.ndarray], Any]], n: int, n_batches: int, seed: int, *,
+                         before: Callable[[], Any] | None = None, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per batch of BATCH random indices in [0, n) for every implementation.
+
+    Implementations are timed round-robin in a random order per round, so all see the same machine
+    load; each draws its own random batches, so none reads records that another one just pulled
+    into the CPU caches (on a shared 2-core machine both effects are larger than the differences
+    being measured).
+    """
+    names = list(impls)
+    rngs = {k: np.random.default_rng([seed, i]) for i, k in enumerate(names)}
+    for name in names:
+        for _ in range(warmup):
+            impls[name](rngs[name].integers(0, n, BATCH))
+    times: dict[str, list[float]] = {k: [] for k in names}
+    order_rng = np.random.default_rng(seed)
+    for _ in range(n_batches):
+        for name in order_rng.permutation(names):  # a fresh order each round: no fixed neighbours
+            b = rngs[name].integers(0, n, BATCH)
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            impls[name](b)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _plain_loop(paths: list[str]) -> Callable[[np.ndarray], list[bytes]]:
@@ -112,9 +126,7 @@ def _bench_size(n: int, size: int, quick: bool) -> list[Record]:
     records: list[Record] = []
     try:
         ffr, arr = _write_datasets(root, n, size)
-        rng = np.random.default_rng(1)
         n_batches = 60 if quick else 200
-        batches = [rng.integers(0, n, BATCH) for _ in range(n_batches)]
         nbytes = BATCH * size
         label = f"{n // 1000}kx{size // 1024}KiB b{BATCH}"
         impls: dict[str, Callable[[np.ndarray], Any]] = {"reference": _plain_loop(ffr)}
@@ -130,17 +142,16 @@ def _bench_size(n: int, size: int, quick: bool) -> list[Record]:
             impls[name] = r.read
         ar_source = grain.sources.ArrayRecordDataSource(arr)
         impls["array_record"] = ar_source.__getitems__
-        for name, fn in impls.items():
-            t = _median_batch_time(fn, batches)
+        for name, t in _interleaved_medians(impls, n, n_batches, 1).items():
             extra = {"records_per_s": BATCH / t}
             if name in readers:
                 extra["engine"] = readers[name].engine
             records.append(record("threefs", label + " warm", name, t, nbytes=nbytes, **extra))
         # Cold: every batch starts with the files out of the page cache.
-        cold_batches = batches[: (8 if quick else 30)]
         if _drop_cache(ffr + arr):
-            for name, fn in impls.items():
-                t = _median_batch_time(fn, cold_batches, before=lambda: _drop_cache(ffr + arr), warmup=1)
+            cold = _interleaved_medians(impls, n, 8 if quick else 30, 2, before=lambda: _drop_cache(ffr + arr),
+                                        warmup=0)
+            for name, t in cold.items():
                 records.append(record("threefs", label + " cold", name, t, nbytes=nbytes, records_per_s=BATCH / t))
         # Full grain pipeline: shuffle -> batch -> read, records/s end to end.
         src = ThreeFSDataSource(ffr, check_data=True)

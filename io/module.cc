@@ -1,0 +1,166 @@
+// pybind11 module dsjax._io: the batch-read engine and CRC-32 for dsjax.io.
+//
+// Every entry point checks its arguments before touching memory (sizes agree, no negative
+// offsets or lengths, every destination range inside the output buffer) and releases the GIL for
+// the I/O, so Python threads (grain's) keep running while a batch is read.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "crc32.h"
+#include "engine.h"
+#include "uring.h"
+
+namespace py = pybind11;
+using dsjax_io::Engine;
+
+namespace {
+
+template <typename T>
+using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// A contiguous uint8 buffer (numpy array, bytearray, memoryview...), never copied:
+// a silent conversion would read into a temporary the caller never sees.
+uint8_t* Bytes(py::buffer& buf, bool writable, int64_t* size, const char* name) {
+  py::buffer_info info = buf.request(writable);
+  if (info.itemsize != 1 || (info.format != "B" && info.format != "b" && info.format != "c")) {
+    throw py::value_error(std::string(name) + ": expected a uint8 buffer, got format '" + info.format + "'");
+  }
+  int64_t expect = 1;
+  for (ssize_t d = info.ndim - 1; d >= 0; --d) {
+    if (info.shape[d] != 1 && info.strides[d] != expect) {
+      throw py::value_error(std::string(name) + ": expected a C-contiguous buffer");
+    }
+    expect *= info.shape[d];
+  }
+  *size = static_cast<int64_t>(info.size);
+  return static_cast<uint8_t*>(info.ptr);
+}
+
+void CheckSameLength(int64_t n, int64_t m, const char* name) {
+  if (m != n) {
+    throw py::value_error(std::string(name) + ": expected " + std::to_string(n) + " entries (one per request), got " +
+                          std::to_string(m));
+  }
+}
+
+void CheckRanges(const int64_t* offsets, const int64_t* lengths, const int64_t* dsts, int64_t n, int64_t out_size) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (offsets[i] < 0 || lengths[i] < 0 || dsts[i] < 0) {
+      throw py::value_error("request " + std::to_string(i) + ": offset, length and dst must be >= 0, got " +
+                            std::to_string(offsets[i]) + ", " + std::to_string(lengths[i]) + ", " +
+                            std::to_string(dsts[i]));
+    }
+    if (lengths[i] > out_size || dsts[i] > out_size - lengths[i]) {
+      throw py::value_error("request " + std::to_string(i) + ": dst " + std::to_string(dsts[i]) + " + length " +
+                            std::to_string(lengths[i]) + " exceeds the output buffer of " + std::to_string(out_size) +
+                            " bytes");
+    }
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_io, m) {
+  m.doc() = "dsjax native batch-read engine (pread thread pool / io_uring, optional O_DIRECT) and CRC-32";
+
+  m.def("io_uring_available", [] { return dsjax_io::Uring::Create(8) != nullptr; },
+        "True when an io_uring ring can be created and read through in this process.");
+
+  m.def("crc32", [](py::buffer data, uint32_t value) {
+          int64_t size = 0;
+          const uint8_t* p = Bytes(data, false, &size, "data");
+          const size_t n = static_cast<size_t>(size);
+          py::gil_scoped_release release;
+          return dsjax_io::Crc32(value, p, n);
+        },
+        py::arg("data"), py::arg("value") = 0,
+        "zlib-compatible CRC-32 of a contiguous buffer, continuing from `value`.");
+
+  m.def("crc32_portable", [](py::buffer data, uint32_t value) {
+          int64_t size = 0;
+          const uint8_t* p = Bytes(data, false, &size, "data");
+          py::gil_scoped_release release;
+          return dsjax_io::Crc32Portable(value, p, static_cast<size_t>(size));
+        },
+        py::arg("data"), py::arg("value") = 0,
+        "The built-in slicing-by-8 CRC-32 (used when zlib is absent at build time), for testing.");
+  m.def("crc32_pclmul", [](py::buffer data, uint32_t value) -> py::object {
+#if defined(DSJAX_IO_HAVE_PCLMUL)
+          if (!dsjax_io::HavePclmul()) return py::none();
+          int64_t size = 0;
+          const uint8_t* p = Bytes(data, false, &size, "data");
+          py::gil_scoped_release release;
+          return py::int_(dsjax_io::Crc32Pclmul(value, p, static_cast<size_t>(size)));
+#else
+          return py::none();
+#endif
+        },
+        py::arg("data"), py::arg("value") = 0,
+        "The PCLMULQDQ CRC-32, or None where the CPU or build lacks it, for testing.");
+  m.attr("crc32_uses_zlib") = py::bool_(
+#if defined(DSJAX_IO_HAVE_ZLIB)
+      true
+#else
+      false
+#endif
+  );
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init<int, const std::string&, unsigned, int64_t>(), py::arg("threads"), py::arg("kind") = "auto",
+           py::arg("queue_depth") = 256, py::arg("align") = 0)
+      .def_property_readonly("kind", &Engine::kind, "'pread' or 'io_uring': the backend in use.")
+      .def_property_readonly("threads", &Engine::threads)
+      .def_property_readonly("align", &Engine::align)
+      .def(
+          "read",
+          [](Engine& e, CArray<int32_t> fds, CArray<int64_t> offsets, CArray<int64_t> lengths, CArray<int64_t> dsts,
+             py::buffer out) -> py::object {
+            const int64_t n = fds.size();
+            CheckSameLength(n, offsets.size(), "offsets");
+            CheckSameLength(n, lengths.size(), "lengths");
+            CheckSameLength(n, dsts.size(), "dsts");
+            int64_t out_size = 0;
+            uint8_t* out_ptr = Bytes(out, true, &out_size, "out");
+            CheckRanges(offsets.data(), lengths.data(), dsts.data(), n, out_size);
+            std::vector<dsjax_io::Request> reqs(static_cast<size_t>(n));
+            for (int64_t i = 0; i < n; ++i) {
+              reqs[i] = dsjax_io::Request{fds.data()[i], offsets.data()[i], lengths.data()[i], dsts.data()[i]};
+            }
+            dsjax_io::ReadFailure failure;
+            bool ok;
+            {
+              py::gil_scoped_release release;
+              ok = e.Read(reqs.data(), n, out_ptr, &failure);
+            }
+            if (ok) return py::none();
+            return py::make_tuple(failure.index, failure.err, failure.got);
+          },
+          py::arg("fds"), py::arg("offsets"), py::arg("lengths"), py::arg("dsts"), py::arg("out"),
+          "Reads request i (fds[i], offsets[i], lengths[i]) into out[dsts[i]:dsts[i] + lengths[i]].\n"
+          "Returns None, or (request index, errno, bytes read) for the lowest failing request;\n"
+          "errno 0 means end of file before `length` bytes.")
+      .def(
+          "crc32_batch",
+          [](Engine& e, py::buffer out, CArray<int64_t> dsts, CArray<int64_t> lengths) {
+            const int64_t n = dsts.size();
+            CheckSameLength(n, lengths.size(), "lengths");
+            int64_t out_size = 0;
+            uint8_t* out_ptr = Bytes(out, true, &out_size, "out");
+            std::vector<int64_t> zeros(static_cast<size_t>(n), 0);
+            CheckRanges(zeros.data(), lengths.data(), dsts.data(), n, out_size);
+            py::array_t<uint32_t> crc(n);
+            uint32_t* crc_ptr = crc.mutable_data();
+            {
+              py::gil_scoped_release release;
+              e.Crc32Batch(out_ptr, dsts.data(), lengths.data(), n, crc_ptr);
+            }
+            return crc;
+          },
+          py::arg("out"), py::arg("dsts"), py::arg("lengths"),
+          "uint32[n]: CRC-32 of out[dsts[i]:dsts[i] + lengths[i]], computed in parallel.");
+}
