@@ -1,0 +1,79 @@
+"""Training-step throughput of the tiny DeepSeek-V3 (the main job's ``dsjax train`` step).
+
+Rows per shape: ``reference`` is the step with dense routed experts on one device (every expert
+on every token, masked: the simplest exact MoE); ``ep-<impl>`` is the ``dsjax train`` step, with
+the routed experts under ``shard_map`` through DeepEP dispatch/combine (``<impl>`` kernels) on a
+(dp, ep) mesh over the devices JAX has. On CPU set
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` for the 2x4 mesh of the default run (with
+one device the EP rows run on a 1x1 mesh). Extra columns: tokens/s, the mesh and, on a GPU, model
+FLOPs utilisation against the H200's dense bf16 peak (989 TFLOP/s): flops are 6·N_active per
+token (N_active = parameters a token uses: shared + K of E routed experts, embeddings excluded,
+attention scores excluded), so MFU is a lower bound. Informational: the tiny model is far too
+small to fill a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dsjax.bench._harness import Record, implementations, record, time_fn
+
+H200_BF16_PEAK = 989e12
+
+
+def _mesh() -> Mesh:
+    n = len(jax.devices())
+    dp, ep = (2, 4) if n >= 8 else (1, max(d for d in (4, 2, 1) if d <= n))
+    return Mesh(np.array(jax.devices()[:dp * ep]).reshape(dp, ep), ("dp", "ep"))
+
+
+def _active_params(model, cfg) -> int:
+    params = nnx.state(model, nnx.Param)
+    total = sum(x.size for x in jax.tree.leaves(params))
+    n_moe = cfg.n_layers - cfg.n_dense_layers + (1 if cfg.mtp_depth else 0)
+    idle = n_moe * (cfg.n_routed_experts - cfg.n_activated_experts) * 3 * cfg.dim * cfg.moe_inter_dim
+    return int(total - idle - cfg.vocab_size * cfg.dim)
+
+
+def _step_records(batch: int, seq: int) -> list[Record]:
+    from dsjax.nn.config import DeepSeekV3Config
+    from dsjax.nn.ep import use_expert_parallelism
+    from dsjax.nn.model import DeepSeekV3
+    from dsjax.train.loop import _optimizer_for, _train_step
+
+    cfg = DeepSeekV3Config.tiny(vocab_size=257)
+    shape = f"tiny b{batch}x{seq}"
+    tokens = np.random.default_rng(0).integers(0, 256, (batch, seq + 1)).astype(np.int32)
+    mesh = _mesh()
+    gpu = jax.default_backend() == "gpu"
+    out = []
+    variants = [("reference", None)] + [(f"ep-{i}", i) for i in implementations()]
+    for name, impl in variants:
+        model = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+        if impl is None:
+            tok = jax.device_put(tokens, jax.devices()[0])
+            where = "1 device"
+        else:
+            use_expert_parallelism(model, mesh, implementation=impl)
+            tok = jax.device_put(tokens, NamedSharding(mesh, P(("dp", "ep"))))
+            where = f"dp={mesh.shape['dp']} x ep={mesh.shape['ep']}"
+        opt = nnx.Optimizer(model, _optimizer_for(3e-3, 10, 0.01, 1.0), wrt=nnx.Param)
+        step = _train_step()
+        t = time_fn(lambda: step(model, opt, tok)[0].total, warmup=2, repeats=5)
+        flops = 6.0 * _active_params(model, cfg) * batch * seq
+        extra = {"tokens_per_s": round(batch * seq / t), "mesh": where}
+        if gpu:
+            extra["mfu_pct"] = round(100 * flops / t / H200_BF16_PEAK, 4)
+        out.append(record("train", shape, name, t, flops=flops, **extra))
+    return out
+
+
+def run(quick: bool) -> list[Record]:
+    shapes = [(16, 64)] if quick else [(16, 64), (32, 128)]
+    return [r for b, s in shapes for r in _step_records(b, s)]
+
+
+BENCHES = {"train": run}

@@ -1,0 +1,119 @@
+"""Expert-parallel routed experts for :class:`dsjax.nn.moe.DeepSeekMoE`, through DeepEP.
+
+The layout follows DeepSeek-V3's training setup (arXiv:2412.19437 §3.2): routed experts are split
+over an expert-parallel (EP) mesh axis, rank r holding experts ``[r·E/R, (r+1)·E/R)``; tokens are
+split over every mesh axis (data parallel x EP). Inside ``jax.shard_map`` each rank sends its
+tokens to the ranks holding their experts (:func:`dsjax.deep_ep.dispatch`: one copy per
+destination rank), runs its local experts on what it received, weights the outputs by the gating
+weights, and sends the rows back (:func:`dsjax.deep_ep.combine`, summing each token's copies).
+
+Dispatch and combine are each other's transpose, so gradients of the tokens, the gating weights
+(hence the router) and the expert weights flow through the same path. The receive buffer is sized
+for the worst case (every token of every EP rank on one rank), so no token can be dropped (DeepEP's
+``num_worst_tokens`` mode at its bound): the result equals the dense computation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from dsjax import deep_ep
+from dsjax.nn.moe import routed_experts_dense
+
+_shard_map = getattr(jax, "shard_map", None)
+if _shard_map is None:  # pragma: no cover - older JAX
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+
+@functools.cache
+def ep_routed_fn(mesh: Mesh, *, ep_axis: str = "ep", token_axes: Sequence[str] | None = None,
+                 implementation: str = "auto") -> Callable[..., jax.Array]:
+    """A ``routed_fn`` for :class:`~dsjax.nn.moe.DeepSeekMoE` that runs the experts with EP.
+
+    Args:
+        mesh: the device mesh; must have an axis named ``ep_axis``.
+        ep_axis: the expert-parallel axis (R = its size must divide the number of experts).
+        token_axes: mesh axes the tokens are split over (default: every axis of the mesh, in
+            mesh order), so each device routes its own share of the tokens.
+        implementation: DeepEP's local kernels: ``"auto"`` | ``"cuda"`` | ``"cpu"`` | ``"reference"``.
+
+    Returns:
+        ``fn(x [T, D], weights f32 [T, K], indices i32 [T, K], w1 [E, D, I], w3 [E, D, I],
+        w2 [E, I, D]) -> [T, D]`` (x's dtype), equal to :func:`routed_experts_dense` up to the
+        order of float32 sums. T must be a multiple of the number of devices in ``token_axes``
+        (a ValueError says so, at trace time). Negative indices mean "no expert".
+
+    Cached per arguments (``token_axes`` must then be a tuple or None), so models switched to
+    EP with the same mesh share one function object and hence their jit compilations.
+    """
+    if ep_axis not in mesh.axis_names:
+        raise ValueError(f"ep_routed_fn: ep_axis {ep_axis!r} is not an axis of the mesh "
+                         f"(axes {tuple(mesh.axis_names)})")
+    axes = tuple(mesh.axis_names) if token_axes is None else tuple(token_axes)
+    unknown = [a for a in axes if a not in mesh.axis_names]
+    if unknown or ep_axis not in axes:
+        raise ValueError(f"ep_routed_fn: token_axes must be mesh axes including {ep_axis!r}, got {axes}")
+    ranks = mesh.shape[ep_axis]
+    shards = 1
+    for a in axes:
+        shards *= mesh.shape[a]
+    tok_spec, exp_spec = P(axes), P(ep_axis)
+
+    def fn(x: jax.Array, weights: jax.Array, indices: jax.Array, w1: jax.Array, w3: jax.Array,
+           w2: jax.Array) -> jax.Array:
+        t, e = x.shape[0], w1.shape[0]
+        if t % shards:
+            raise ValueError(f"ep_routed_fn: the token count ({t}) must be a multiple of the "
+                             f"{shards} devices of mesh axes {axes}")
+        if e % ranks:
+            raise ValueError(f"ep_routed_fn: the expert count ({e}) must be a multiple of the EP "
+                             f"size {ranks} (mesh axis {ep_axis!r})")
+        # Worst case: every token of every EP rank lands on this rank; nothing can be dropped.
+        worst = ranks * (t // shards)
+
+        def local(xl, wl, il, w1l, w3l, w2l):
+            recv_x, recv_idx, recv_w, _, handle = deep_ep.dispatch(
+                xl, il, wl.astype(jnp.float32), num_experts=e, axis_name=ep_axis,
+                num_worst_tokens=worst, implementation=implementation)
+            # Ids of other ranks' experts (and padding rows) are -1 with weight 0. The explicit
+            # mask matters for the gradient: dispatch's backward sums the weight cotangents of all
+            # copies of a token, so entries of experts held elsewhere must get a zero cotangent
+            # (with the clamped id they would otherwise receive expert 0's output).
+            live = recv_idx >= 0
+            y = routed_experts_dense(recv_x, jnp.where(live, recv_w, 0.0), jnp.where(live, recv_idx, 0),
+                                     w1l, w3l, w2l)
+            return deep_ep.combine(y, handle, implementation=implementation)
+
+        sm = _shard_map(local, mesh=mesh,
+                        in_specs=(tok_spec, tok_spec, tok_spec, exp_spec, exp_spec, exp_spec),
+                        out_specs=tok_spec)
+        return sm(x, weights, indices, w1, w3, w2)
+
+    return fn
+
+
+def use_expert_parallelism(model, mesh: Mesh, **kwargs) -> int:
+    """Switches every :class:`~dsjax.nn.moe.DeepSeekMoE` of ``model`` to :func:`ep_routed_fn`.
+
+    Args:
+        model: any NNX module graph (e.g. :class:`dsjax.nn.model.DeepSeekV3`).
+        mesh, kwargs: passed to :func:`ep_routed_fn`.
+
+    Returns:
+        The number of MoE layers switched.
+    """
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.moe import DeepSeekMoE  # pylint: disable=import-outside-toplevel
+
+    fn = ep_routed_fn(mesh, **kwargs)
+    n = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, DeepSeekMoE):
+            node.routed_fn = fn
+            n += 1
+    return n

@@ -1,0 +1,323 @@
+"""``dsjax train``: a DeepSeek-V3-style model trained with expert parallelism on a (dp, ep) mesh.
+
+One step (DeepSeek-V3 technical report, arXiv:2412.19437, §2.1-2.2 and §3.2):
+
+* a batch of token windows from :class:`dsjax.io.TokenDataset` (FFRecord shards read through the
+  batched reader, served by a grain ``MapDataset`` indexed by step, so a resumed run reads exactly
+  the batches the uninterrupted one would);
+* forward with MLA, DeepSeekMoE whose routed experts run under ``jax.shard_map`` through DeepEP
+  dispatch/combine over the ``ep`` axis (:mod:`dsjax.nn.ep`), and the depth-1 MTP loss;
+* AdamW (optax, warmup then constant learning rate, global-norm clipping);
+* the auxiliary-loss-free bias update of every MoE layer from the step's observed expert load;
+* EPLB: the load goes into a sliding-window :class:`dsjax.eplb.ExpertLoadTracker`; every
+  ``rebalance_every`` steps :func:`dsjax.eplb.rebalance_experts` places ``E + ep`` replicas and the
+  run reports the EP-rank imbalance before and after. The placement is reported, not applied to
+  the expert weights yet (replica routing in the EP layer is future work).
+
+Checkpoints (orbax) hold the model, optimizer and tracker state; the step function, data order and
+shardings do not depend on where a run started, so ``--resume`` reproduces the uninterrupted
+losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+from dsjax.train import UsageError, checkpoint
+
+PRESETS = ("tiny",)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options of a training run (the CLI flags of ``dsjax train``)."""
+
+    data: str = "data/tokens"
+    out: str = "runs/tiny"
+    preset: str = "tiny"
+    steps: int = 150
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3
+    warmup: int = 10
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"dp": 2, "ep": 4})
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 50
+    rebalance_every: int = 25
+    resume: bool = False
+    implementation: str = "auto"
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def model_config(preset: str, vocab_size: int, seq_len: int, **overrides: Any):
+    """The model configuration of a preset, sized to the dataset's vocabulary (``overrides``:
+    any other :class:`~dsjax.nn.config.DeepSeekV3Config` fields, e.g. ``n_layers``)."""
+    from dsjax.nn.config import DeepSeekV3Config  # pylint: disable=import-outside-toplevel
+    if preset != "tiny":
+        raise UsageError(f"--preset: expected one of {PRESETS}, got {preset!r}")
+    return DeepSeekV3Config.tiny(**{"vocab_size": vocab_size, "max_seq_len": max(256, seq_len),
+                                    "original_seq_len": max(256, seq_len), **overrides})
+
+
+def _check(cfg: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "seq_len", "warmup", "log_every", "ckpt_every", "rebalance_every"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+    shards = cfg.mesh["dp"] * cfg.mesh["ep"]
+    if cfg.batch_size % shards:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {shards} devices "
+                         f"of the mesh (dp={cfg.mesh['dp']} x ep={cfg.mesh['ep']})")
+
+
+# Options that change the steps already taken; a resumed run must keep them.
+_RESUME_FIXED = ("preset", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "clip", "mesh", "seed",
+                 "model_overrides")
+
+
+def _check_resume(cfg: TrainConfig, conf_path: str) -> None:
+    """Refuses to resume with options that would make the continuation differ from the run."""
+    try:
+        with open(conf_path) as f:
+            old = json.load(f)["train"]
+    except (OSError, ValueError, KeyError):
+        raise UsageError(f"--resume: {conf_path} is missing or unreadable") from None
+    now = dataclasses.asdict(cfg)
+    diff = [f"{k}={old.get(k)!r} (now {now[k]!r})" for k in _RESUME_FIXED if old.get(k) != now[k]]
+    if diff:
+        raise UsageError("--resume: the run was started with " + ", ".join(diff) + "; resume with the same options")
+
+
+def _optimizer(cfg: TrainConfig):
+    return _optimizer_for(cfg.lr, cfg.warmup, cfg.weight_decay, cfg.clip)
+
+
+@functools.cache
+def _optimizer_for(lr: float, warmup: int, weight_decay: float, clip: float):
+    """AdamW (cached: the transformation is part of the optimizer's static structure, so runs in
+    one process with the same settings share the step's compilation)."""
+    import optax  # pylint: disable=import-outside-toplevel
+    # Warmup then constant: the schedule does not depend on the total step count, so a run can be
+    # extended with --resume --steps N without changing the steps already taken.
+    sched = optax.join_schedules([optax.linear_schedule(lr / warmup, lr, warmup),
+                                  optax.constant_schedule(lr)], [warmup])
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=weight_decay))
+
+
+def _moe_layers(model) -> list:
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.moe import DeepSeekMoE  # pylint: disable=import-outside-toplevel
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, DeepSeekMoE)]
+
+
+def _place(tree, mesh):
+    """Puts a model or optimizer state on the mesh: the routed experts' weights (and their AdamW
+    moments) ``[E, ...]`` split over ``ep`` (rank r holds experts ``[r·E/R, (r+1)·E/R)``, the
+    layout :mod:`dsjax.nn.ep` computes with), everything else replicated."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+    experts, replicated = NamedSharding(mesh, P("ep")), NamedSharding(mesh, P())
+
+    def put(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        routed = x.ndim == 3 and any(a == "ffn" and b in ("w1", "w2", "w3") for a, b in zip(keys, keys[1:]))
+        return jax.device_put(x, experts if routed else replicated)
+
+    return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs (or resumes) a training run; returns its history.
+
+    Args:
+        cfg: the run's options. ``cfg.out`` receives ``config.json``, ``checkpoints/``,
+            ``metrics.json`` and the PNG plots.
+        log: where progress lines go.
+
+    Returns:
+        ``{"step": [...], "loss": [...], "lm": [...], "mtp": [...], "imbalance": [...],
+        "tokens_per_s": float, "rebalances": [...]}`` for every step of the run so far
+        (restored steps included after ``--resume``).
+
+    Raises:
+        UsageError: missing/empty dataset, bad sizes, no checkpoint to resume, or an output
+            directory that already holds checkpoints without ``resume``.
+    """
+    _check(cfg)
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+    from dsjax import eplb  # pylint: disable=import-outside-toplevel
+    from dsjax.io import TokenDataset  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.ep import use_expert_parallelism  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.model import DeepSeekV3  # pylint: disable=import-outside-toplevel
+    from dsjax.train.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+
+    if not os.path.exists(os.path.join(cfg.data, "meta.json")):
+        raise UsageError(f"--data: no token dataset in {cfg.data} (run: dsjax prepare --out {cfg.data})")
+    procs = jax.process_count()
+    if cfg.batch_size % procs:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {procs} processes")
+    try:
+        # Each process reads its own windows (multi-host); one process reads them all.
+        tokens = TokenDataset(cfg.data, seq_len=cfg.seq_len, seed=cfg.seed,
+                              process_index=jax.process_index(), process_count=procs)
+    except ValueError as e:  # too few tokens for one window
+        raise UsageError(f"--data {cfg.data}: {e}") from None
+    local_batch = cfg.batch_size // procs
+    if len(tokens) < local_batch:
+        raise UsageError(f"--data {cfg.data}: {len(tokens)} windows of {cfg.seq_len + 1} tokens, fewer "
+                         f"than one batch of {local_batch}")
+    existing = checkpoint.list_checkpoints(cfg.out)
+    if existing and not cfg.resume:
+        raise UsageError(f"--out {cfg.out} already holds checkpoints (step {existing[-1][0]}); "
+                         "pass --resume to continue it or choose another --out")
+    if cfg.resume and not existing:
+        raise UsageError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(cfg.out)}")
+
+    mesh = make_mesh(cfg.mesh)
+    mcfg = model_config(cfg.preset, int(tokens.meta["vocab_size"]), cfg.seq_len, **cfg.model_overrides)
+    if mcfg.n_routed_experts % cfg.mesh["ep"]:
+        raise UsageError(f"--mesh: ep={cfg.mesh['ep']} must divide the {mcfg.n_routed_experts} routed "
+                         f"experts of the {cfg.preset} preset")
+    conf_path = os.path.join(cfg.out, "config.json")
+    if cfg.resume:
+        _check_resume(cfg, conf_path)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(conf_path, "w") as f:
+        json.dump({"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(cfg)}, f, indent=1)
+
+    model = DeepSeekV3(mcfg, rngs=nnx.Rngs(cfg.seed))
+    n_moe = use_expert_parallelism(model, mesh, ep_axis="ep", implementation=cfg.implementation)
+    opt = nnx.Optimizer(model, _optimizer(cfg), wrt=nnx.Param)
+    # Every array gets the same explicit placement on fresh and resumed runs (restoring takes
+    # these arrays as its target): the compiled step, hence every rounding, is then identical.
+    nnx.update(model, _place(nnx.state(model), mesh))
+    nnx.update(opt, _place(nnx.state(opt), mesh))
+    ep_size, n_experts = cfg.mesh["ep"], mcfg.n_routed_experts
+    tracker = _place(eplb.ExpertLoadTracker.create(n_moe, n_experts, window=cfg.rebalance_every), mesh)
+    history: dict[str, Any] = {"step": [], "loss": [], "lm": [], "mtp": [], "imbalance": [], "rebalances": []}
+    start = 0
+    if cfg.resume:
+        path = existing[-1][1]
+        info = checkpoint.read_run_info(path)
+        for name, obj in (("model", model), ("opt", opt)):
+            state = nnx.state(obj)
+            nnx.replace_by_pure_dict(state, checkpoint.restore(path, name, nnx.to_pure_dict(state)))
+            nnx.update(obj, state)
+        tracker = eplb.ExpertLoadTracker(**checkpoint.restore(path, "extra", _tracker_tree(tracker)))
+        history, start = info["history"], int(info["step"])
+        log(f"resumed from {path} (step {start})")
+
+    data = tokens.dataset(local_batch, num_epochs=None)
+    batch_sharding = NamedSharding(mesh, P(("dp", "ep")))
+
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    log(f"training {cfg.preset} DeepSeek-V3 ({n_params / 1e6:.2f}M params, {n_moe} MoE layers x {n_experts} "
+        f"experts) on mesh dp={cfg.mesh['dp']} x ep={ep_size} ({jax.devices()[0].platform}), batch "
+        f"{cfg.batch_size} x {cfg.seq_len} tokens, steps {start + 1}..{cfg.steps}")
+    tok_per_step = cfg.batch_size * cfg.seq_len
+    n_timed, t_timed = 0, 0.0
+    for step in range(start + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        batch = jax.make_array_from_process_local_data(batch_sharding, np.asarray(data[step - 1]))
+        parts, loads = _train_step()(model, opt, batch)
+        loss = float(parts.total)  # waits for the step
+        if step > start + 1:  # a process's first step includes compilation
+            n_timed, t_timed = n_timed + 1, t_timed + (time.perf_counter() - t0)
+        tracker = tracker.add_counts(loads).advance()
+        stats = eplb.balance_stats(loads, None, ep_size)
+        history["step"].append(step)
+        history["loss"].append(loss)
+        history["lm"].append(float(parts.lm))
+        history["mtp"].append(float(parts.mtp))
+        history["imbalance"].append(float(jnp.mean(stats.imbalance)))
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"train: loss became {loss} at step {step}")
+        if step % cfg.rebalance_every == 0:
+            history["rebalances"].append(_rebalance(tracker, mcfg, ep_size, step, log))
+        if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+            speed = f"{tok_per_step * n_timed / t_timed:8.0f} tok/s" if n_timed else "(+ compile)   "
+            log(f"step {step:5d}/{cfg.steps}  loss {loss:.4f} (lm {history['lm'][-1]:.4f}, mtp "
+                f"{history['mtp'][-1]:.4f})  {speed}  EP imbalance {history['imbalance'][-1]:.3f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            history["tokens_per_s"] = tok_per_step * n_timed / t_timed if n_timed else None
+            checkpoint.save(cfg.out, step, {
+                "model": nnx.to_pure_dict(nnx.state(model)), "opt": nnx.to_pure_dict(nnx.state(opt)),
+                "extra": _tracker_tree(tracker)}, {"step": step, "history": history})
+    history["tokens_per_s"] = tok_per_step * n_timed / t_timed if n_timed else None
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(history, f)
+    from dsjax.train import plots  # pylint: disable=import-outside-toplevel
+    for p in plots.write_all(history, cfg.out):
+        log(f"wrote {p}")
+    return history
+
+
+@functools.cache
+def _train_step():
+    """The jitted step, built once per process: later runs in the same process (tests, notebooks)
+    with the same model structure reuse its compilation."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.model import lm_loss, update_expert_biases  # pylint: disable=import-outside-toplevel
+
+    @nnx.jit
+    def train_step(model, opt, batch):
+        """One AdamW step on batch int32 [B, S + 1]; then the aux-loss-free bias update.
+        Returns the loss parts and the expert load int32 [MoE layers, E] of this step."""
+        def loss_fn(m):
+            parts = lm_loss(m, batch)
+            return parts.total, parts
+        (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        opt.update(model, grads)
+        loads = jnp.stack([moe.load[...] for moe in _moe_layers(model)])
+        update_expert_biases(model)
+        return parts, loads
+
+    return train_step
+
+
+def _tracker_tree(tracker) -> dict[str, Any]:
+    """The tracker's arrays as a plain dict (what orbax stores)."""
+    return {"counts": tracker.counts, "cursor": tracker.cursor, "steps": tracker.steps}
+
+
+def _rebalance(tracker, mcfg, ep_size: int, step: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """EPLB over the tracker's window: imbalance of the EP ranks before and after placement."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from dsjax import eplb  # pylint: disable=import-outside-toplevel
+
+    load = tracker.load()
+    e = load.shape[1]
+    res = eplb.rebalance_experts(load, e + ep_size, mcfg.n_expert_groups, 1, ep_size)
+    before = eplb.balance_stats(load, None, ep_size)
+    after = eplb.balance_stats(load, res.phy2log, ep_size)
+    w, phy = np.asarray(load), np.asarray(res.phy2log)
+    # Per-EP-rank load of every MoE layer, before (expert e on rank e // (E/ep)) and after.
+    gpu_before = w.reshape(w.shape[0], ep_size, -1).sum(-1)
+    share = w / np.maximum(np.stack([np.bincount(p, minlength=e) for p in phy]), 1)
+    gpu_after = np.take_along_axis(share, phy, 1).reshape(w.shape[0], ep_size, -1).sum(-1)
+    rec = {"step": step, "imbalance_before": float(np.mean(before.imbalance)),
+           "imbalance_after": float(np.mean(after.imbalance)), "replicas": int(phy.shape[1]),
+           "rank_load_before": gpu_before.tolist(), "rank_load_after": gpu_after.tolist(),
+           "first_step": max(1, step - tracker.window + 1),
+           "layers": [f"layer {mcfg.n_dense_layers + i}" for i in range(mcfg.n_layers - mcfg.n_dense_layers)]
+           + (["MTP block"] if mcfg.mtp_depth else [])}
+    log(f"eplb  step {step}: EP-rank imbalance over the last {tracker.window} steps "
+        f"{rec['imbalance_before']:.3f} -> {rec['imbalance_after']:.3f} with {rec['replicas']} replicas "
+        f"on {ep_size} ranks (placement reported, not applied)")
+    return rec
