@@ -200,3 +200,28 @@ def test_two_hop_sends_one_copy_per_destination_node(impl):
             want = [t for t in range(T) if any(d // GPUS == nd for d in _dests(IDX[s * T + t], L))]
             got = hop1[s, nd][hop1[s, nd] >= 0]
             np.testing.assert_array_equal(got, want)  # each token once per node, in order
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_weight_gradient_ignores_slots_of_other_ranks(impl):
+    """recv_topk_weights is 0 where the expert lives on another rank; a loss that touches those
+    slots must not leak into topk_weights' gradient (a token sent to two ranks carries all K
+    slots in both copies)."""
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from dsjax import deep_ep
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("ep",))
+    idx = jnp.asarray(np.array([[0, 7], [2, 3], [4, 1], [6, 5]] * 4, np.int32))
+    w = jnp.asarray(np.random.default_rng(0).random((16, 2)), jnp.float32)
+    x = jnp.ones((16, 8), jnp.float32)
+
+    def local(x, idx, w):
+        _, _, rw, _, _ = deep_ep.dispatch(x, idx, w, num_experts=8, axis_name="ep", num_worst_tokens=16,
+                                          implementation=impl)
+        return rw.sum()[None]
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P("ep"), P("ep"), P("ep")), out_specs=P("ep"))
+    g = jax.grad(lambda w: f(x, idx, w).sum())(w)
+    np.testing.assert_array_equal(np.asarray(g), np.ones((16, 2), np.float32))

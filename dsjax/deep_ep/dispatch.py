@@ -124,13 +124,17 @@ def _dispatch_vjp(parts, topk_idx, topk_weights, cfg):
 
 def _dispatch_fwd(parts, topk_idx, topk_weights, cfg):
     out = _dispatch_impl(parts, topk_idx, topk_weights, cfg)
-    return out, out[-1]
+    return out, (out[-1], out[1])
 
 
 def _dispatch_bwd(cfg, res, cts):
     # Dispatch copies rows; its transpose is a combine (sum of the copies) with the same handle.
-    handle = res
+    handle, recv_idx = res
     g_parts, _, g_w, _, _ = cts
+    # recv_topk_weights is 0 (a constant) where the expert lives on another rank (id -1): every
+    # copy of a token carries all K slots, so without this mask a token sent to two ranks would
+    # have those slots' cotangents summed into its weight gradient twice.
+    g_w = jnp.where(recv_idx >= 0, g_w, 0.0)
     kern = _plan.kernels(cfg.impl)
     if len(g_parts) == 1:  # recv_x has x's dtype, so its cotangent has it too
         g_x = (_plan.move_backward(kern, handle, g_parts[0], g_parts[0].dtype),)
