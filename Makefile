@@ -1,7 +1,9 @@
 # The project's two commands (README "Quick start"):
-#   make demo   set up everything (venv, packages, native build) and run the main job
+#   make run    set up everything (venv, packages, native build) and run the main job:
+#               prepare the embedded dataset, train the tiny DeepSeek-V3, generate from it
 #   make test   set up everything and run the test suite
-# Plus: make gpu-check OUT=dir (on a Hopper machine with JAX+CUDA installed, no network), make bench.
+# Plus: make demo (backends + quantizer bench), make bench (every bench, --quick),
+#       make gpu-check OUT=dir (on a Hopper machine with JAX+CUDA installed, no network).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +13,7 @@ NATIVE := $(shell find ffi io -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "ninja>=1.11" "jax==0.10.2" "jaxlib==0.10.2"
 OUT ?= gpu_out
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: run demo test bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,16 @@ $(STAMP): $(PY) $(NATIVE)
 	$(PY) -m pip install -q $(BUILD_DEPS)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
+
+DATA ?= data/tokens
+RUN  ?= runs/tiny
+PROMPTS := --prompt "def " --prompt "import numpy as np" --prompt "class Tensor(object):"
+
+run: $(STAMP)
+	@[ -d $(DATA) ] || $(VENV)/bin/dsjax prepare --out $(DATA)
+	rm -rf $(RUN)
+	$(VENV)/bin/dsjax train --preset tiny --data $(DATA) --out $(RUN)
+	$(VENV)/bin/dsjax generate --ckpt $(RUN) $(PROMPTS)
 
 demo: $(STAMP)
 	$(VENV)/bin/dsjax demo

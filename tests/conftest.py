@@ -13,14 +13,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", False)
 
 
-# grain is a dependency of dsjax, but the GPU check may run in an image without it (no network):
-# there the data-loader tests cannot even be collected, so they are left out, loudly.
+# grain and nbclient are dependencies of the project, but the GPU check may run in a prebuilt image
+# without them (no network). There the tests that need them cannot even be collected, so they are
+# left out, loudly. In CI and in the project's own venv every module below is installed.
+_NEEDS = {"grain": ("test_io_*.py", "test_train_*.py"), "nbclient": ("test_notebooks.py",),
+          "nbformat": ("test_notebooks.py",), "orbax.checkpoint": ("test_train_*.py",)}
 collect_ignore_glob: list[str] = []
-try:
-    import grain  # noqa: F401
-except ImportError as _e:  # pragma: no cover - only on machines without grain
-    collect_ignore_glob.append("test_io_*.py")
-    print(f"dsjax conftest: grain is not importable ({_e}); tests/test_io_*.py not collected")
+for _mod, _globs in _NEEDS.items():
+    try:
+        __import__(_mod)
+    except ImportError as _e:  # pragma: no cover - only on machines without the package
+        collect_ignore_glob.extend(g for g in _globs if g not in collect_ignore_glob)
+        print(f"dsjax conftest: {_mod} is not importable ({_e}); not collecting {', '.join(_globs)}")
 
 
 def _gpu_skip_reason() -> str | None:
