@@ -17,6 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 start=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-450}  # seconds for build + tests + benches, leaving margin under 8 minutes
 BUILD="$ROOT/build/gpu-check"
 PYBIND_DIR=$("$PY" -m pybind11 --cmakedir)
 GEN=""; command -v ninja >/dev/null && GEN="-G Ninja"
@@ -44,7 +45,7 @@ AVAILABLE=" $("$PY" -c "from dsjax.bench import available; print(' '.join(availa
 run_bench() {  # name [--quick]
   local name=$1; shift
   case "$AVAILABLE" in *" $name "*) ;; *) echo "bench $name: not available here"; return;; esac
-  local left=$(( 450 - ($(date +%s) - start) ))
+  local left=$(( BUDGET - ($(date +%s) - start) ))
   if [ $left -lt 20 ]; then echo "bench $name: skipped, time budget spent"; rc_bench=1; return; fi
   timeout "$left" "$PY" -m dsjax.bench "$name" "$@" --json "$OUT/bench_$name.json" 2>&1 | tee -a "$OUT/bench.txt"
   [ ${PIPESTATUS[0]} -eq 0 ] || rc_bench=1
