@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, mesh=mesh,
                       seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
                       rebalance_every=args.rebalance_every, resume=args.resume,
-                      implementation=args.implementation)
+                      implementation=args.implementation, fp8=args.fp8)
     hist = train(cfg)
     first, last = hist["loss"][0], hist["loss"][-1]
     print(f"done: loss {first:.3f} (step {hist['step'][0]}) -> {last:.3f} (step {hist['step'][-1]}); "
@@ -109,6 +109,9 @@ def _add_main_job(sub) -> None:
     t.add_argument("--rebalance-every", type=int, default=25, help="EPLB report period (steps)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--implementation", default="auto", choices=impls, help="DeepEP kernels")
+    t.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
+                   help="DeepSeek-V3 FP8 recipe: linears and experts as FP8 GEMMs (default on; "
+                        "--no-fp8 for float32 GEMMs; a resumed run must keep its setting)")
     t.add_argument("--no-simulated-devices", dest="platform_cpu_devices", action="store_false",
                    help="do not ask XLA:CPU for 8 simulated devices (use the devices JAX finds)")
     t.add_argument("--coordinator", help="multi-host: coordinator address for jax.distributed.initialize")

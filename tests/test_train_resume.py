@@ -1,5 +1,6 @@
 """dsjax.train: a run resumed from its orbax checkpoint reproduces the uninterrupted run exactly
-(6 steps vs 3 + resume to 6: identical losses, bit for bit), and the run's files are complete.
+(6 steps vs 3 + resume to 6: identical losses, bit for bit; FP8 by default, float32 too), and
+the run's files are complete.
 
 Runs in-process on the 8 host devices of the test session (mesh dp=2 x ep=4), with a 2-layer
 tiny model to keep compilation short; all three runs share one compiled step.
@@ -67,3 +68,28 @@ def test_resume_and_overwrite_are_refused(tokens, tmp_path):
         f.write("{}")
     with pytest.raises(UsageError, match=r"already holds checkpoints \(step 2\); pass --resume"):
         loop.train(_cfg(tokens, out, 2))
+
+
+def test_precision_is_part_of_the_run(tokens, tmp_path):
+    """``fp8`` (``dsjax train --fp8/--no-fp8``, on by default, so the test above resumes an FP8
+    run) reaches the model through config.json, a resume must keep it, a float32 run resumes
+    bit for bit too, and a run saved before the option existed counts as float32."""
+    def cfg(out, steps, resume=False, fp8=False):
+        c = _cfg(tokens, str(tmp_path / out), steps, resume)
+        c.fp8, c.rebalance_every = fp8, 100
+        return c
+
+    assert loop.TrainConfig().fp8 is True
+    full = loop.train(cfg("a", 4), log=lambda _: None)
+    loop.train(cfg("b", 2), log=lambda _: None)
+    conf_path = tmp_path / "b" / "config.json"
+    with open(conf_path) as f:
+        conf = json.load(f)
+    assert conf["train"]["fp8"] is False and conf["model"]["use_fp8"] is False
+    with pytest.raises(UsageError, match=r"--resume: the run was started with fp8=False \(now True\)"):
+        loop.train(cfg("b", 4, resume=True, fp8=True))
+    del conf["train"]["fp8"]  # as written before the option existed
+    with open(conf_path, "w") as f:
+        json.dump(conf, f)
+    resumed = loop.train(cfg("b", 4, resume=True), log=lambda _: None)
+    assert resumed["loss"] == full["loss"] and np.isfinite(full["loss"]).all()

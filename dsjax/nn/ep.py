@@ -11,6 +11,10 @@ Dispatch and combine are each other's transpose, so gradients of the tokens, the
 (hence the router) and the expert weights flow through the same path. The receive buffer is sized
 for the worst case (every token of every EP rank on one rank), so no token can be dropped (DeepEP's
 ``num_worst_tokens`` mode at its bound): the result equals the dense computation.
+
+With ``fp8=True`` each rank runs its local experts with FP8 grouped GEMMs on the contiguous layout
+(:func:`dsjax.nn.moe.routed_experts_fp8`) over the rows it received; the layout's static row
+count is sized from the worst-case receive buffer, so again nothing is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsjax import deep_ep
-from dsjax.nn.moe import routed_experts_dense
+from dsjax.nn.layers import vary_over
+from dsjax.nn.moe import routed_experts_dense, routed_experts_fp8
 
 _shard_map = getattr(jax, "shard_map", None)
 if _shard_map is None:  # pragma: no cover - older JAX
@@ -32,7 +37,7 @@ if _shard_map is None:  # pragma: no cover - older JAX
 
 @functools.cache
 def ep_routed_fn(mesh: Mesh, *, ep_axis: str = "ep", token_axes: Sequence[str] | None = None,
-                 implementation: str = "auto") -> Callable[..., jax.Array]:
+                 implementation: str = "auto", fp8: bool = False) -> Callable[..., jax.Array]:
     """A ``routed_fn`` for :class:`~dsjax.nn.moe.DeepSeekMoE` that runs the experts with EP.
 
     Args:
@@ -41,12 +46,17 @@ def ep_routed_fn(mesh: Mesh, *, ep_axis: str = "ep", token_axes: Sequence[str] |
         token_axes: mesh axes the tokens are split over (default: every axis of the mesh, in
             mesh order), so each device routes its own share of the tokens.
         implementation: DeepEP's local kernels: ``"auto"`` | ``"cuda"`` | ``"cpu"`` | ``"reference"``.
+        fp8: run the local experts as FP8 grouped GEMMs (DeepGEMM implementation ``"auto"``)
+            instead of the dense float computation.
 
     Returns:
         ``fn(x [T, D], weights f32 [T, K], indices i32 [T, K], w1 [E, D, I], w3 [E, D, I],
         w2 [E, I, D]) -> [T, D]`` (x's dtype), equal to :func:`routed_experts_dense` up to the
-        order of float32 sums. T must be a multiple of the number of devices in ``token_axes``
-        (a ValueError says so, at trace time). Negative indices mean "no expert".
+        order of float32 sums. With ``fp8`` the forward equals :func:`routed_experts_fp8` on one
+        device up to summation order (its quantization is per row and per weight block); the
+        weight gradients differ by FP8 rounding, Wgrad's 1x128 tiles running along the rows each
+        rank holds. T must be a multiple of the number of devices in ``token_axes`` (a
+        ValueError says so, at trace time). Negative indices mean "no expert".
 
     Cached per arguments (``token_axes`` must then be a tuple or None), so models switched to
     EP with the same mesh share one function object and hence their jit compilations.
@@ -63,6 +73,7 @@ def ep_routed_fn(mesh: Mesh, *, ep_axis: str = "ep", token_axes: Sequence[str] |
     for a in axes:
         shards *= mesh.shape[a]
     tok_spec, exp_spec = P(axes), P(ep_axis)
+    dp_axes = tuple(a for a in axes if a != ep_axis)
 
     def fn(x: jax.Array, weights: jax.Array, indices: jax.Array, w1: jax.Array, w3: jax.Array,
            w2: jax.Array) -> jax.Array:
@@ -85,8 +96,15 @@ def ep_routed_fn(mesh: Mesh, *, ep_axis: str = "ep", token_axes: Sequence[str] |
             # copies of a token, so entries of experts held elsewhere must get a zero cotangent
             # (with the clamped id they would otherwise receive expert 0's output).
             live = recv_idx >= 0
-            y = routed_experts_dense(recv_x, jnp.where(live, recv_w, 0.0), jnp.where(live, recv_idx, 0),
-                                     w1l, w3l, w2l)
+            if fp8:  # -1 ids are dropped by the contiguous layout, with zero weight cotangents
+                # The FP8 GEMMs are a custom_vjp: their weight cotangent varies like the tokens
+                # (over every token axis), so the weights must enter varying the same way; the
+                # transpose of that cast is the psum of the weight gradients over data parallelism.
+                w1l, w3l, w2l = (vary_over(w, dp_axes) for w in (w1l, w3l, w2l))
+                y = routed_experts_fp8(recv_x, recv_w, recv_idx, w1l, w3l, w2l)
+            else:
+                y = routed_experts_dense(recv_x, jnp.where(live, recv_w, 0.0),
+                                         jnp.where(live, recv_idx, 0), w1l, w3l, w2l)
             return deep_ep.combine(y, handle, implementation=implementation)
 
         sm = _shard_map(local, mesh=mesh,
@@ -102,7 +120,8 @@ def use_expert_parallelism(model, mesh: Mesh, **kwargs) -> int:
 
     Args:
         model: any NNX module graph (e.g. :class:`dsjax.nn.model.DeepSeekV3`).
-        mesh, kwargs: passed to :func:`ep_routed_fn`.
+        mesh, kwargs: passed to :func:`ep_routed_fn`; ``fp8`` defaults to each layer's
+            ``cfg.use_fp8``, so an FP8 model keeps FP8 experts under EP.
 
     Returns:
         The number of MoE layers switched.
@@ -110,10 +129,9 @@ def use_expert_parallelism(model, mesh: Mesh, **kwargs) -> int:
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from dsjax.nn.moe import DeepSeekMoE  # pylint: disable=import-outside-toplevel
 
-    fn = ep_routed_fn(mesh, **kwargs)
     n = 0
     for _, node in nnx.iter_graph(model):
         if isinstance(node, DeepSeekMoE):
-            node.routed_fn = fn
+            node.routed_fn = ep_routed_fn(mesh, **{"fp8": bool(node.cfg.use_fp8), **kwargs})
             n += 1
     return n

@@ -1,4 +1,5 @@
-"""Small building blocks of DeepSeek-V3: RMSNorm, YaRN rotary embeddings, the SwiGLU MLP.
+"""Small building blocks of DeepSeek-V3: RMSNorm, YaRN rotary embeddings, the SwiGLU MLP, and
+the choice of linear layer (FP8 or not) shared by attention, MLPs and shared experts.
 
 RoPE follows DeepSeek-V3's ``precompute_freqs_cis`` / ``apply_rotary_emb`` (inference/model.py):
 rotation of consecutive channel pairs (2i, 2i+1), YaRN frequency blending between ``beta_fast``
@@ -8,12 +9,19 @@ and ``beta_slow`` when ``max_seq_len > original_seq_len``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsjax.deep_gemm import fp8_linear
 from dsjax.nn.config import DeepSeekV3Config
+from dsjax.nn.fp8 import Fp8Linear
+
+_shard_map = getattr(jax, "shard_map", None)
+if _shard_map is None:  # pragma: no cover - older JAX
+    from jax.experimental.shard_map import shard_map as _shard_map
 
 
 class RMSNorm(nnx.Module):
@@ -64,8 +72,77 @@ def apply_rope(x: jax.Array, positions: jax.Array, freqs: jax.Array) -> jax.Arra
     return out.reshape(x.shape).astype(x.dtype)
 
 
+def vary_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Marks a ``shard_map`` value that is identical over mesh ``axes`` as varying over them.
+
+    Needed before a ``custom_vjp`` op (the FP8 GEMMs) mixes a replicated weight with sharded
+    activations: its weight cotangent varies like the activations, and JAX only sums it over
+    the data-parallel axes (the transpose of this cast) when the primal was marked varying.
+    """
+    if not axes:
+        return x
+    pvary = getattr(jax.lax, "pvary", None)
+    return pvary(x, axes) if pvary is not None else jax.lax.pcast(x, axes, to="varying")
+
+
+class ModelFp8Linear(Fp8Linear):
+    """:class:`~dsjax.nn.fp8.Fp8Linear` that can run data-parallel under ``jax.shard_map``.
+
+    The FP8 quantizers and GEMMs are custom calls, which XLA's automatic partitioner cannot
+    split: under ``jit`` with a batch-sharded input it gathers the whole batch and runs every
+    GEMM on every device. After :func:`shard_fp8_linears` the call runs inside ``shard_map``
+    over the leading (batch) axis instead: each device quantizes and multiplies its own rows
+    with the replicated weight, and the weight gradient is summed over the batch axes (the
+    transpose of marking the weight varying). Row-wise quantization makes the forward identical
+    to the unsharded one; Wgrad's 1x128 tiles then run along each device's rows.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shard: tuple | None = None  # (mesh, batch axes), set by shard_fp8_linears
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.shard is None or self.bias is not None:
+            return super().__call__(x)
+        mesh, axes = self.shard
+        from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+        dtype = self.dtype or x.dtype
+        impl = self.implementation
+
+        def local(xl, w):
+            return fp8_linear(xl, vary_over(w, axes), implementation=impl)
+
+        return _shard_map(local, mesh=mesh, in_specs=(P(axes), P()), out_specs=P(axes))(
+            x.astype(dtype), self.kernel[...].astype(dtype))
+
+
+def shard_fp8_linears(model: nnx.Module, mesh, axes: tuple[str, ...]) -> int:
+    """Makes every :class:`ModelFp8Linear` of ``model`` run data-parallel over mesh ``axes``
+    (their inputs' leading axis must be split over them); returns how many were switched."""
+    n = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, ModelFp8Linear):
+            node.shard = (mesh, tuple(axes))
+            n += 1
+    return n
+
+
+def linear_factory(cfg: DeepSeekV3Config, rngs: nnx.Rngs) -> Callable[[int, int], nnx.Module]:
+    """``(in, out) -> linear without bias``: :class:`ModelFp8Linear` (an
+    :class:`~dsjax.nn.fp8.Fp8Linear`) when ``cfg.use_fp8``, else ``nnx.Linear``. Both hold one
+    ``kernel [in, out]`` parameter initialized the same way (LeCun normal, one key each), so
+    checkpoints and weights carry over between the two."""
+    if cfg.use_fp8:
+        return lambda i, o: ModelFp8Linear(i, o, use_bias=False, rngs=rngs)
+    return lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
+
+
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: ``w2(silu(w1 x) * w3 x)`` (DeepSeek-V3's dense FFN and shared experts)."""
+    """SwiGLU feed-forward: ``w2(silu(w1 x) * w3 x)`` (DeepSeek-V3's dense FFN and shared experts).
+
+    ``linear(in, out)`` builds each of the three projections (default ``nnx.Linear`` without
+    bias; :func:`linear_factory` gives FP8 ones).
+    """
 
     def __init__(self, dim: int, inter_dim: int, *, rngs: nnx.Rngs, linear=None):
         make = linear or (lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs))

@@ -6,6 +6,16 @@ RMSNorm, ``wkv_b``) plus a decoupled RoPE key ``k_pe`` shared by all heads. The 
 differentiable pure JAX with float32 softmax ("naive" mode: K/V expanded from the latent). The
 decode path stores only the 576-wide latent row ``[kv_norm(c_kv), rope(k_pe)]`` per token and
 attends in latent space with absorbed weights (see :meth:`MLA.latent` and :meth:`MLA.absorbed`).
+
+With ``cfg.use_fp8`` the five projections (wq_a, wq_b or wq, wkv_a, wkv_b, wo) are
+:class:`~dsjax.nn.fp8.Fp8Linear` (same ``kernel`` parameters), while the norms, RoPE and the
+attention core (scores, softmax, P·V) stay in float32, as in DeepSeek-V3 (arXiv:2412.19437 §3.3.1).
+The absorbed decode path then computes exactly what the training path computes: keys and values
+depend on the latent only through ``wkv_b``'s FP8 GEMM, whose input is the latent quantized per
+1x128 tile and whose weight is quantized per 128x128 block; so decoding caches that quantized
+latent (dequantized to the cache dtype) and absorbs the dequantized FP8 weight (as DeepSeek-V3's
+inference dequantizes its FP8 checkpoint for absorption). In real arithmetic both paths are the
+same function; they differ by float32 summation order only.
 """
 
 from __future__ import annotations
@@ -14,9 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsjax.deep_gemm import (dequantize_per_block, dequantize_per_token, per_block_cast_to_fp8,
+                             per_token_cast_to_fp8)
 from dsjax.flash_mla import PagedMLACache
 from dsjax.nn.config import DeepSeekV3Config
-from dsjax.nn.layers import RMSNorm, apply_rope, rope_frequencies
+from dsjax.nn.layers import RMSNorm, apply_rope, linear_factory, rope_frequencies
 
 
 class MLA(nnx.Module):
@@ -30,7 +42,7 @@ class MLA(nnx.Module):
 
     def __init__(self, cfg: DeepSeekV3Config, *, rngs: nnx.Rngs):
         h, d = cfg.n_heads, cfg.dim
-        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)  # noqa: E731
+        lin = linear_factory(cfg, rngs)
         if cfg.q_lora_rank > 0:
             self.wq_a = lin(d, cfg.q_lora_rank)
             self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
@@ -79,17 +91,25 @@ class MLA(nnx.Module):
         o = jnp.einsum("bhst,bthd->bshd", p, v.astype(f32)).astype(x.dtype)
         return self.wo(o.reshape(b, s, cfg.n_heads * cfg.v_head_dim))
 
+    def _wkv_b(self) -> jax.Array:
+        """wkv_b's weight [C, H·(nope + v)] as the training path multiplies with it: the kernel,
+        or with FP8 its 128x128-block FP8 round trip (not differentiable: decode only)."""
+        w = self.wkv_b.kernel[...]
+        if self.cfg.use_fp8:
+            w = dequantize_per_block(*per_block_cast_to_fp8(w))
+        return w
+
     def absorbed(self, q_nope: jax.Array) -> jax.Array:
         """q_nope [..., H, nope] -> latent-space queries [..., H, kv_lora_rank] (q·W_UK)."""
         cfg = self.cfg
-        w = self.wkv_b.kernel[...].reshape(cfg.kv_lora_rank, cfg.n_heads, -1)
+        w = self._wkv_b().reshape(cfg.kv_lora_rank, cfg.n_heads, -1)
         w_uk = w[..., :cfg.qk_nope_head_dim]  # [C, H, nope]
         return jnp.einsum("...hd,chd->...hc", q_nope.astype(jnp.float32), w_uk.astype(jnp.float32))
 
     def output_from_latent(self, o_latent: jax.Array) -> jax.Array:
         """Attention output in latent space [B, S, H, C] -> [B, S, D] (·W_UV, then wo)."""
         cfg = self.cfg
-        w = self.wkv_b.kernel[...].reshape(cfg.kv_lora_rank, cfg.n_heads, -1)
+        w = self._wkv_b().reshape(cfg.kv_lora_rank, cfg.n_heads, -1)
         w_uv = w[..., cfg.qk_nope_head_dim:]  # [C, H, v]
         o = jnp.einsum("bshc,chd->bshd", o_latent.astype(jnp.float32), w_uv.astype(jnp.float32))
         b, s = o.shape[:2]
@@ -113,7 +133,11 @@ class MLA(nnx.Module):
         """
         cfg = self.cfg
         q_nope, q_pe = self.queries(x, positions)
-        rows = self.latent(x, positions)[:, :, None, :]  # [B, T, 1, 576]: one latent "KV head"
+        rows = self.latent(x, positions)
+        if cfg.use_fp8:  # the latent as wkv_b's FP8 GEMM sees it (1x128 tiles, per token)
+            c = dequantize_per_token(*per_token_cast_to_fp8(rows[..., :cfg.kv_lora_rank]))
+            rows = jnp.concatenate([c.astype(rows.dtype), rows[..., cfg.kv_lora_rank:]], axis=-1)
+        rows = rows[:, :, None, :]  # [B, T, 1, 576]: one latent "KV head"
         cache = cache.append(rows.astype(cache.pages.dtype) if not cache.fp8 else rows)
         dtype = jnp.bfloat16 if cache.fp8 else cache.pages.dtype
         q = jnp.concatenate([self.absorbed(q_nope), q_pe.astype(jnp.float32)], axis=-1).astype(dtype)

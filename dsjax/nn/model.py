@@ -4,6 +4,11 @@ multi-token-prediction head (depth 1, arXiv:2412.19437 §2.2), and the training 
 The MTP module of depth 1 combines the main model's final hidden state at position t with the
 embedding of token t+1 (``proj([RMSNorm(h); RMSNorm(emb)])``), runs one transformer block and
 predicts token t+2 with the shared output head; its loss is weighted by ``mtp_loss_weight``.
+
+``cfg.use_fp8`` applies DeepSeek-V3's FP8 mixed-precision recipe (§3.3): every linear of the
+blocks (MLA projections, dense MLP, shared and routed experts, the MTP projection) runs its
+Fprop/Dgrad/Wgrad GEMMs in FP8, while the embedding, the output head, the MoE router gate, the
+norms and the attention core stay in high precision, and the master weights stay float32.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from flax import nnx
 
 from dsjax.flash_mla import PagedMLACache
 from dsjax.nn.config import DeepSeekV3Config
-from dsjax.nn.layers import MLP, RMSNorm
+from dsjax.nn.layers import MLP, RMSNorm, linear_factory
 from dsjax.nn.mla import MLA
 from dsjax.nn.moe import AuxLoss, DeepSeekMoE
 
@@ -30,7 +35,8 @@ class DeepSeekV3Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = MLA(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = (MLP(cfg.dim, cfg.inter_dim, rngs=rngs) if layer_id < cfg.n_dense_layers
+        self.ffn = (MLP(cfg.dim, cfg.inter_dim, rngs=rngs, linear=linear_factory(cfg, rngs))
+                    if layer_id < cfg.n_dense_layers
                     else DeepSeekMoE(cfg, rngs=rngs))
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -50,7 +56,7 @@ class MTPHead(nnx.Module):
     def __init__(self, cfg: DeepSeekV3Config, *, rngs: nnx.Rngs):
         self.hnorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.enorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.proj = nnx.Linear(2 * cfg.dim, cfg.dim, use_bias=False, rngs=rngs)
+        self.proj = linear_factory(cfg, rngs)(2 * cfg.dim, cfg.dim)
         self.block = DeepSeekV3Block(cfg.n_layers, cfg, rngs=rngs)
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
 

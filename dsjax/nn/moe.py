@@ -1,23 +1,29 @@
 """DeepSeekMoE layer: shared experts plus group-limited top-k routed experts.
 
 The routed experts are computed by ``routed_experts_dense`` here (every expert on every token,
-masked by the gating weights: exact, simple, fine for CPU-sized models). The expert-parallel path
-(DeepEP dispatch/combine under shard_map) and FP8 grouped GEMMs plug in at ``routed_fn``.
+masked by the gating weights: exact, simple, fine for CPU-sized models), or, with
+``cfg.use_fp8``, by ``routed_experts_fp8``: DeepSeek-V3's FP8 recipe (arXiv:2412.19437 §3.3) on
+DeepGEMM's m-grouped contiguous layout (each (token, expert) pair becomes one row, rows sorted by
+expert, each expert padded to 128 rows), so only the selected experts are computed. The
+expert-parallel path (DeepEP dispatch/combine under shard_map, :mod:`dsjax.nn.ep`) plugs in at
+``routed_fn`` and runs either of the two on the rows each rank receives.
 The load-balancing bias and the observed expert load are NNX variables that are not parameters:
 the optimizer never sees them, and ``apply_bias_update`` changes the bias between steps.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsjax.deep_gemm import fp8_grouped_linear, get_m_alignment_for_contiguous_layout
 from dsjax.nn import router
 from dsjax.nn.config import DeepSeekV3Config
-from dsjax.nn.layers import MLP
+from dsjax.nn.layers import MLP, linear_factory
 
 
 class ExpertBias(nnx.Variable):
@@ -43,6 +49,77 @@ def routed_experts_dense(x: jax.Array, weights: jax.Array, indices: jax.Array, w
     return jnp.einsum("ted,te->td", y.astype(jnp.float32), combine).astype(x.dtype)
 
 
+def contiguous_layout(indices: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """DeepGEMM's m-grouped contiguous layout for routed (token, expert) pairs.
+
+    Every valid pair ``(t, k)`` (``0 <= indices[t, k] < num_experts``) gets one row; rows are
+    grouped by expert in expert order, each expert's block starting at a multiple of 128
+    (:func:`~dsjax.deep_gemm.get_m_alignment_for_contiguous_layout`) and padded with -1 rows.
+    The row count is static: ``m_sum = 128·ceil((T·K + 127·E) / 128)`` bounds
+    ``Σ_e 128·ceil(count_e / 128)`` for any routing, so no pair is ever dropped.
+
+    Args:
+        indices: int32 ``[T, K]`` expert ids; negative (or >= E) means "no expert".
+        num_experts: E.
+
+    Returns:
+        ``(m_indices int32 [m_sum], row_token int32 [m_sum], pair_row int32 [T·K])``: each row's
+        expert (-1 for padding), each row's source token (0 on padding rows), and each pair's row
+        (``m_sum``, out of range, for invalid pairs).
+    """
+    align = get_m_alignment_for_contiguous_layout()
+    t, k = indices.shape
+    p, e = t * k, num_experts
+    m_sum = align * (-(-(p + (align - 1) * e) // align))
+    flat = indices.reshape(p).astype(jnp.int32)
+    key = jnp.where((flat >= 0) & (flat < e), flat, e)              # invalid pairs sort last
+    counts = jnp.zeros((e + 1,), jnp.int32).at[key].add(1)
+    padded = (counts[:e] + align - 1) // align * align
+    row_start = jnp.concatenate([jnp.cumsum(padded) - padded, jnp.array([m_sum], jnp.int32)])
+    sorted_start = jnp.cumsum(counts) - counts                      # start of each expert when sorted
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    skey = key[order]
+    rank = jnp.arange(p, dtype=jnp.int32) - sorted_start[skey]
+    row_sorted = jnp.where(skey < e, row_start[skey] + rank, m_sum)
+    pair_row = jnp.zeros((p,), jnp.int32).at[order].set(row_sorted)
+    m_indices = jnp.full((m_sum,), -1, jnp.int32).at[pair_row].set(flat, mode="drop")
+    row_token = jnp.zeros((m_sum,), jnp.int32).at[pair_row].set(
+        jnp.arange(p, dtype=jnp.int32) // k, mode="drop")
+    return m_indices, row_token, pair_row
+
+
+def routed_experts_fp8(x: jax.Array, weights: jax.Array, indices: jax.Array, w1: jax.Array,
+                       w3: jax.Array, w2: jax.Array, *, implementation: str = "auto") -> jax.Array:
+    """Σ_k weight_k · expert_{idx_k}(x) with FP8 grouped GEMMs, only the selected experts computed.
+
+    The pairs are laid out contiguously (:func:`contiguous_layout`), the three expert GEMMs run
+    as :func:`dsjax.deep_gemm.fp8_grouped_linear` (FP8 Fprop, Dgrad and Wgrad with 1x128 / 128x128
+    scales), and each pair's output row is gathered back and weighted in float32. Gradients flow
+    to ``x``, the gating ``weights`` (zero for invalid pairs) and the expert weights.
+
+    Args:
+        x: float32 or bfloat16 ``[T, D]``.
+        weights: float32 ``[T, K]`` gating weights.
+        indices: int32 ``[T, K]`` expert ids; negative means "no expert" (contributes nothing).
+        w1, w3: ``[E, D, I]``; w2: ``[E, I, D]`` (x's dtype).
+        implementation: DeepGEMM implementation (``"auto"`` | ``"cuda"`` | ``"cpu"`` | ``"reference"``).
+
+    Returns:
+        ``[T, D]`` in x's dtype; equal to :func:`routed_experts_dense` up to FP8 rounding.
+    """
+    t, k = indices.shape
+    e = w1.shape[0]
+    m_indices, row_token, pair_row = contiguous_layout(indices, e)
+    xc = jnp.where((m_indices >= 0)[:, None], x[row_token], 0).astype(x.dtype)
+    gl = functools.partial(fp8_grouped_linear, m_indices=m_indices, implementation=implementation)
+    h = jax.nn.silu(gl(xc, w1)) * gl(xc, w3)
+    yc = gl(h, w2)                                                   # [m_sum, D], padding rows 0
+    valid = (pair_row < yc.shape[0]).reshape(t, k)
+    y = yc[jnp.minimum(pair_row, yc.shape[0] - 1)].reshape(t, k, -1).astype(jnp.float32)
+    w = jnp.where(valid, weights.astype(jnp.float32), 0.0)
+    return jnp.einsum("tkd,tk->td", y, w).astype(x.dtype)
+
+
 class DeepSeekMoE(nnx.Module):
     """Shared experts + routed experts with DeepSeek-V3 routing.
 
@@ -50,7 +127,9 @@ class DeepSeekMoE(nnx.Module):
         cfg: model configuration (experts, groups, routing scale, balance settings).
         rngs: parameter initialization.
         routed_fn: computes the routed experts from (x [T, D], weights [T, K], indices [T, K],
-            w1, w3, w2); defaults to :func:`routed_experts_dense`.
+            w1, w3, w2); defaults to :func:`routed_experts_fp8` when ``cfg.use_fp8`` (the shared
+            experts are then :class:`~dsjax.nn.fp8.Fp8Linear` too), else
+            :func:`routed_experts_dense`. The router gate stays in high precision either way.
     """
 
     def __init__(self, cfg: DeepSeekV3Config, *, rngs: nnx.Rngs,
@@ -64,9 +143,10 @@ class DeepSeekMoE(nnx.Module):
         self.bias = ExpertBias(jnp.zeros((e,), jnp.float32))
         self.load = ExpertLoad(jnp.zeros((e,), jnp.int32))
         self.aux_loss = AuxLoss(jnp.zeros((), jnp.float32))
-        self.shared = MLP(d, cfg.n_shared_experts * i, rngs=rngs) if cfg.n_shared_experts else None
+        self.shared = (MLP(d, cfg.n_shared_experts * i, rngs=rngs, linear=linear_factory(cfg, rngs))
+                       if cfg.n_shared_experts else None)
         self.cfg = cfg
-        self.routed_fn = routed_fn or routed_experts_dense
+        self.routed_fn = routed_fn or (routed_experts_fp8 if cfg.use_fp8 else routed_experts_dense)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, S, D] -> [B, S, D]; records the expert load and the balance loss."""

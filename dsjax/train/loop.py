@@ -7,6 +7,11 @@ One step (DeepSeek-V3 technical report, arXiv:2412.19437, §2.1-2.2 and §3.2):
   the batches the uninterrupted one would);
 * forward with MLA, DeepSeekMoE whose routed experts run under ``jax.shard_map`` through DeepEP
   dispatch/combine over the ``ep`` axis (:mod:`dsjax.nn.ep`), and the depth-1 MTP loss;
+* with ``fp8`` (the default; ``--no-fp8`` turns it off), DeepSeek-V3's FP8 mixed precision
+  (§3.3): the linears of MLA, the dense MLP, the shared experts and the routed experts (FP8
+  grouped GEMMs on each EP rank) run Fprop, Dgrad and Wgrad in FP8 with fine-grained scales,
+  data-parallel over the mesh; embedding, head, router and norms stay in float32, as do the
+  master weights and the optimizer state;
 * AdamW (optax, warmup then constant learning rate, global-norm clipping);
 * the auxiliary-loss-free bias update of every MoE layer from the step's observed expert load;
 * EPLB: the load goes into a sliding-window :class:`dsjax.eplb.ExpertLoadTracker`; every
@@ -54,6 +59,7 @@ class TrainConfig:
     rebalance_every: int = 25
     resume: bool = False
     implementation: str = "auto"
+    fp8: bool = True
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -80,7 +86,11 @@ def _check(cfg: TrainConfig) -> None:
 
 # Options that change the steps already taken; a resumed run must keep them.
 _RESUME_FIXED = ("preset", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "clip", "mesh", "seed",
-                 "model_overrides")
+                 "fp8", "model_overrides")
+
+
+# What a run saved before an option existed ran with.
+_BEFORE_OPTION = {"fp8": False}
 
 
 def _check_resume(cfg: TrainConfig, conf_path: str) -> None:
@@ -91,6 +101,7 @@ def _check_resume(cfg: TrainConfig, conf_path: str) -> None:
     except (OSError, ValueError, KeyError):
         raise UsageError(f"--resume: {conf_path} is missing or unreadable") from None
     now = dataclasses.asdict(cfg)
+    old = {**_BEFORE_OPTION, **old}
     diff = [f"{k}={old.get(k)!r} (now {now[k]!r})" for k in _RESUME_FIXED if old.get(k) != now[k]]
     if diff:
         raise UsageError("--resume: the run was started with " + ", ".join(diff) + "; resume with the same options")
@@ -163,6 +174,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     from dsjax import eplb  # pylint: disable=import-outside-toplevel
     from dsjax.io import TokenDataset  # pylint: disable=import-outside-toplevel
     from dsjax.nn.ep import use_expert_parallelism  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.layers import shard_fp8_linears  # pylint: disable=import-outside-toplevel
     from dsjax.nn.model import DeepSeekV3  # pylint: disable=import-outside-toplevel
     from dsjax.train.mesh import make_mesh  # pylint: disable=import-outside-toplevel
 
@@ -189,7 +201,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         raise UsageError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(cfg.out)}")
 
     mesh = make_mesh(cfg.mesh)
-    mcfg = model_config(cfg.preset, int(tokens.meta["vocab_size"]), cfg.seq_len, **cfg.model_overrides)
+    mcfg = model_config(cfg.preset, int(tokens.meta["vocab_size"]), cfg.seq_len,
+                        **{"use_fp8": cfg.fp8, **cfg.model_overrides})
     if mcfg.n_routed_experts % cfg.mesh["ep"]:
         raise UsageError(f"--mesh: ep={cfg.mesh['ep']} must divide the {mcfg.n_routed_experts} routed "
                          f"experts of the {cfg.preset} preset")
@@ -202,6 +215,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 
     model = DeepSeekV3(mcfg, rngs=nnx.Rngs(cfg.seed))
     n_moe = use_expert_parallelism(model, mesh, ep_axis="ep", implementation=cfg.implementation)
+    # FP8 linears are custom calls that jit would otherwise run on the whole batch on every device.
+    shard_fp8_linears(model, mesh, ("dp", "ep"))
     opt = nnx.Optimizer(model, _optimizer(cfg), wrt=nnx.Param)
     # Every array gets the same explicit placement on fresh and resumed runs (restoring takes
     # these arrays as its target): the compiled step, hence every rounding, is then identical.
@@ -226,9 +241,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     batch_sharding = NamedSharding(mesh, P(("dp", "ep")))
 
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    gemms = "FP8" if mcfg.use_fp8 else mcfg.dtype
     log(f"training {cfg.preset} DeepSeek-V3 ({n_params / 1e6:.2f}M params, {n_moe} MoE layers x {n_experts} "
-        f"experts) on mesh dp={cfg.mesh['dp']} x ep={ep_size} ({jax.devices()[0].platform}), batch "
-        f"{cfg.batch_size} x {cfg.seq_len} tokens, steps {start + 1}..{cfg.steps}")
+        f"experts, {gemms} GEMMs) on mesh dp={cfg.mesh['dp']} x ep={ep_size} ({jax.devices()[0].platform}), "
+        f"batch {cfg.batch_size} x {cfg.seq_len} tokens, steps {start + 1}..{cfg.steps}")
     tok_per_step = cfg.batch_size * cfg.seq_len
     n_timed, t_timed = 0, 0.0
     for step in range(start + 1, cfg.steps + 1):
