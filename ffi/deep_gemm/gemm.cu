@@ -268,18 +268,9 @@ ffi::Error DenseCuda(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer sa, f
                      ffi::AnyBuffer sb, ffi::AnyBuffer c, ffi::Result<ffi::AnyBuffer> d,
                      bool b_per_row, bool has_c) {
   const char* op = "dsjax_deep_gemm_fp8_gemm_nt";
-  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "a", a, 2));
-  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "b", b, 2));
-  DSJAX_RETURN_IF_ERROR(CheckLhs(op, a, sa));
-  DSJAX_RETURN_IF_ERROR(CheckRhs(op, b, sb, b_per_row));
-  const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = b.dimensions()[0];
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "b", b, {n, k}));
-  DSJAX_RETURN_IF_ERROR(ExpectOutDtype(op, *d, true));
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "d", *d, {m, n}));
-  if (has_c) {
-    DSJAX_RETURN_IF_ERROR(ExpectType(op, "c", c, ffi::DataType::F32));
-    DSJAX_RETURN_IF_ERROR(ExpectDims(op, "c", c, {m, n}));
-  }
+  GemmDims dims;
+  DSJAX_RETURN_IF_ERROR(CheckDenseShapes(op, a, sa, b, sb, c, *d, b_per_row, has_c, &dims));
+  const int64_t m = dims.m, n = dims.n, k = dims.k;
   const int64_t kb = CeilDiv(k, kGroup);
   DevGemm p{U8(a), F32(sa), k, kb, 0, 0, U8(b), F32(sb), k, kb, 0, 0, b_per_row, m, n, k,
             nullptr, 1, has_c ? F32(c) : nullptr, d->untyped_data(),
@@ -291,17 +282,9 @@ ffi::Error ContiguousCuda(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer 
                           ffi::AnyBuffer b, ffi::AnyBuffer sb, ffi::AnyBuffer m_indices,
                           ffi::Result<ffi::AnyBuffer> d) {
   const char* op = "dsjax_deep_gemm_m_grouped_fp8_gemm_nt_contiguous";
-  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "a", a, 2));
-  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "b", b, 3));
-  DSJAX_RETURN_IF_ERROR(CheckLhs(op, a, sa));
-  DSJAX_RETURN_IF_ERROR(CheckRhs(op, b, sb, false));
-  const int64_t m = a.dimensions()[0], k = a.dimensions()[1];
-  const int64_t groups = b.dimensions()[0], n = b.dimensions()[1];
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "b", b, {groups, n, k}));
-  DSJAX_RETURN_IF_ERROR(ExpectType(op, "m_indices", m_indices, ffi::DataType::S32));
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "m_indices", m_indices, {m}));
-  DSJAX_RETURN_IF_ERROR(ExpectOutDtype(op, *d, true));
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "d", *d, {m, n}));
+  GemmDims dims;
+  DSJAX_RETURN_IF_ERROR(CheckContiguousShapes(op, a, sa, b, sb, m_indices, *d, &dims));
+  const int64_t m = dims.m, n = dims.n, k = dims.k, groups = dims.groups;
   const int64_t kb = CeilDiv(k, kGroup), nb = CeilDiv(n, kGroup);
   DevGemm p{U8(a), F32(sa), k, kb, 0, 0, U8(b), F32(sb), k, kb, n * k, nb * kb, false, m, n, k,
             static_cast<const int32_t*>(m_indices.untyped_data()), static_cast<int>(groups),
@@ -312,17 +295,9 @@ ffi::Error ContiguousCuda(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer 
 ffi::Error MaskedCuda(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer sa, ffi::AnyBuffer b,
                       ffi::AnyBuffer sb, ffi::AnyBuffer masked_m, ffi::Result<ffi::AnyBuffer> d) {
   const char* op = "dsjax_deep_gemm_m_grouped_fp8_gemm_nt_masked";
-  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "a", a, 3));
-  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "b", b, 3));
-  DSJAX_RETURN_IF_ERROR(CheckLhs(op, a, sa));
-  DSJAX_RETURN_IF_ERROR(CheckRhs(op, b, sb, false));
-  const int64_t groups = a.dimensions()[0], m_max = a.dimensions()[1], k = a.dimensions()[2];
-  const int64_t n = b.dimensions()[1];
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "b", b, {groups, n, k}));
-  DSJAX_RETURN_IF_ERROR(ExpectType(op, "masked_m", masked_m, ffi::DataType::S32));
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "masked_m", masked_m, {groups}));
-  DSJAX_RETURN_IF_ERROR(ExpectOutDtype(op, *d, true));
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "d", *d, {groups, m_max, n}));
+  GemmDims dims;
+  DSJAX_RETURN_IF_ERROR(CheckMaskedShapes(op, a, sa, b, sb, masked_m, *d, &dims));
+  const int64_t m_max = dims.m, n = dims.n, k = dims.k, groups = dims.groups;
   const int64_t kb = CeilDiv(k, kGroup), nb = CeilDiv(n, kGroup);
   DevGemm p{U8(a), F32(sa), k, kb, m_max * k, m_max * kb, U8(b), F32(sb), k, kb, n * k, nb * kb,
             false, m_max, n, k, static_cast<const int32_t*>(masked_m.untyped_data()),
@@ -335,21 +310,9 @@ ffi::Error KGroupedCuda(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer sa
                         ffi::AnyBuffer b, ffi::AnyBuffer sb, ffi::AnyBuffer group_ks,
                         ffi::AnyBuffer c, ffi::Result<ffi::AnyBuffer> d, bool has_c) {
   const char* op = "dsjax_deep_gemm_k_grouped_fp8_gemm_nt_contiguous";
-  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "a", a, 2));
-  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "b", b, 2));
-  DSJAX_RETURN_IF_ERROR(CheckLhs(op, a, sa));
-  DSJAX_RETURN_IF_ERROR(CheckRhs(op, b, sb, true));
-  const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = b.dimensions()[0];
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "b", b, {n, k}));
-  DSJAX_RETURN_IF_ERROR(ExpectType(op, "group_ks", group_ks, ffi::DataType::S32));
-  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "group_ks", group_ks, 1));
-  const int64_t groups = group_ks.dimensions()[0];
-  DSJAX_RETURN_IF_ERROR(ExpectOutDtype(op, *d, false));
-  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "d", *d, {groups, m, n}));
-  if (has_c) {
-    DSJAX_RETURN_IF_ERROR(ExpectType(op, "c", c, ffi::DataType::F32));
-    DSJAX_RETURN_IF_ERROR(ExpectDims(op, "c", c, {groups, m, n}));
-  }
+  GemmDims dims;
+  DSJAX_RETURN_IF_ERROR(CheckKGroupedShapes(op, a, sa, b, sb, group_ks, c, *d, has_c, &dims));
+  const int64_t m = dims.m, n = dims.n, k = dims.k, groups = dims.groups;
   const int64_t kb = CeilDiv(k, kGroup);
   DevGemm p{U8(a), F32(sa), k, kb, 0, 0, U8(b), F32(sb), k, kb, 0, 0, true, m, n, k,
             static_cast<const int32_t*>(group_ks.untyped_data()), static_cast<int>(groups),

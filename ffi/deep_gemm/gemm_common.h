@@ -164,4 +164,93 @@ inline ffi::Error CheckGroupKs(const char* op, const int32_t* ks, int64_t groups
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------- per-op shape contracts
+// One function per GEMM layout, shared by the CPU twin and the CUDA handlers, so both accept
+// exactly the same operands. Sizes come back in GemmDims (m is m_max for the masked layout).
+struct GemmDims {
+  int64_t m = 0, n = 0, k = 0, groups = 1;
+};
+
+inline ffi::Error CheckDenseShapes(const char* op, const ffi::AnyBuffer& a, const ffi::AnyBuffer& sa,
+                                   const ffi::AnyBuffer& b, const ffi::AnyBuffer& sb,
+                                   const ffi::AnyBuffer& c, const ffi::AnyBuffer& d, bool b_per_row,
+                                   bool has_c, GemmDims* out) {
+  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "a", a, 2));
+  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "b", b, 2));
+  DSJAX_RETURN_IF_ERROR(CheckLhs(op, a, sa));
+  DSJAX_RETURN_IF_ERROR(CheckRhs(op, b, sb, b_per_row));
+  const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = b.dimensions()[0];
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "b", b, {n, k}));
+  DSJAX_RETURN_IF_ERROR(ExpectOutDtype(op, d, true));
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "d", d, {m, n}));
+  if (has_c) {
+    DSJAX_RETURN_IF_ERROR(ExpectType(op, "c", c, ffi::DataType::F32));
+    DSJAX_RETURN_IF_ERROR(ExpectDims(op, "c", c, {m, n}));
+  }
+  *out = GemmDims{m, n, k, 1};
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckContiguousShapes(const char* op, const ffi::AnyBuffer& a,
+                                        const ffi::AnyBuffer& sa, const ffi::AnyBuffer& b,
+                                        const ffi::AnyBuffer& sb, const ffi::AnyBuffer& m_indices,
+                                        const ffi::AnyBuffer& d, GemmDims* out) {
+  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "a", a, 2));
+  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "b", b, 3));
+  DSJAX_RETURN_IF_ERROR(CheckLhs(op, a, sa));
+  DSJAX_RETURN_IF_ERROR(CheckRhs(op, b, sb, false));
+  const int64_t m = a.dimensions()[0], k = a.dimensions()[1];
+  const int64_t groups = b.dimensions()[0], n = b.dimensions()[1];
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "b", b, {groups, n, k}));
+  DSJAX_RETURN_IF_ERROR(ExpectType(op, "m_indices", m_indices, ffi::DataType::S32));
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "m_indices", m_indices, {m}));
+  DSJAX_RETURN_IF_ERROR(ExpectOutDtype(op, d, true));
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "d", d, {m, n}));
+  *out = GemmDims{m, n, k, groups};
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckMaskedShapes(const char* op, const ffi::AnyBuffer& a, const ffi::AnyBuffer& sa,
+                                    const ffi::AnyBuffer& b, const ffi::AnyBuffer& sb,
+                                    const ffi::AnyBuffer& masked_m, const ffi::AnyBuffer& d,
+                                    GemmDims* out) {
+  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "a", a, 3));
+  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "b", b, 3));
+  DSJAX_RETURN_IF_ERROR(CheckLhs(op, a, sa));
+  DSJAX_RETURN_IF_ERROR(CheckRhs(op, b, sb, false));
+  const int64_t groups = a.dimensions()[0], m_max = a.dimensions()[1], k = a.dimensions()[2];
+  const int64_t n = b.dimensions()[1];
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "b", b, {groups, n, k}));
+  DSJAX_RETURN_IF_ERROR(ExpectType(op, "masked_m", masked_m, ffi::DataType::S32));
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "masked_m", masked_m, {groups}));
+  DSJAX_RETURN_IF_ERROR(ExpectOutDtype(op, d, true));
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "d", d, {groups, m_max, n}));
+  *out = GemmDims{m_max, n, k, groups};
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckKGroupedShapes(const char* op, const ffi::AnyBuffer& a,
+                                      const ffi::AnyBuffer& sa, const ffi::AnyBuffer& b,
+                                      const ffi::AnyBuffer& sb, const ffi::AnyBuffer& group_ks,
+                                      const ffi::AnyBuffer& c, const ffi::AnyBuffer& d, bool has_c,
+                                      GemmDims* out) {
+  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "a", a, 2));
+  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "b", b, 2));
+  DSJAX_RETURN_IF_ERROR(CheckLhs(op, a, sa));
+  DSJAX_RETURN_IF_ERROR(CheckRhs(op, b, sb, true));
+  const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = b.dimensions()[0];
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "b", b, {n, k}));
+  DSJAX_RETURN_IF_ERROR(ExpectType(op, "group_ks", group_ks, ffi::DataType::S32));
+  DSJAX_RETURN_IF_ERROR(ExpectRank(op, "group_ks", group_ks, 1));
+  const int64_t groups = group_ks.dimensions()[0];
+  DSJAX_RETURN_IF_ERROR(ExpectOutDtype(op, d, false));
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "d", d, {groups, m, n}));
+  if (has_c) {
+    DSJAX_RETURN_IF_ERROR(ExpectType(op, "c", c, ffi::DataType::F32));
+    DSJAX_RETURN_IF_ERROR(ExpectDims(op, "c", c, {groups, m, n}));
+  }
+  *out = GemmDims{m, n, k, groups};
+  return ffi::Error::Success();
+}
+
 }  // namespace dsjax::deep_gemm
