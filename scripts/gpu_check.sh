@@ -30,6 +30,8 @@ tail -20 "$OUT/build.log"
 [ $rc_build -eq 0 ] || exit 1
 # In-place: the freshly built modules next to the Python sources (ignored by git).
 find "$BUILD" -maxdepth 2 -name "_*.so" -exec cp {} "$ROOT/dsjax/" \;
+# ...removed again on exit, so that they never shadow a later pip/editable install.
+trap 'rm -f "$ROOT"/dsjax/_ffi_cpu*.so "$ROOT"/dsjax/_ffi_cuda*.so "$ROOT"/dsjax/_io*.so' EXIT
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import dsjax, json; print(json.dumps(dsjax.backends(), indent=1))" | tee "$OUT/backends.json"
 
