@@ -3,7 +3,9 @@
 DeepEP's own checks: tokens arrive in per-source segments with the right local ids and weights;
 combine(dispatch(x)) equals x times the number of distinct destination ranks; layout counts equal
 an all-gathered reference; the FP8 path's calc_diff < 5e-4; an EP MoE layer's forward and
-gradients equal the dense ``reference_moe``; overflow is counted (and strict mode raises).
+gradients equal the dense ``reference_moe``, both with the caller-weighted 2-D combine and with
+combine's per-slot 3-D form (the weighted reduce inside combine; slots of other ranks hold NaN and
+must not leak); overflow is counted (and strict mode raises).
 
 Each implementation compiles one program per mode (cached, module-wide): shard_map programs over 8
 devices compile slowly on 2 cores. Tolerances: f32 data is moved exactly and summed in f32 in a
@@ -61,6 +63,16 @@ def _moe_rows(rank, recv_x, recv_idx, recv_w):
     return y.astype(recv_x.dtype)
 
 
+def _moe_slots(rank, recv_x, recv_idx):
+    """Per-slot expert outputs ``[N, K, H]`` for combine's 3-D form; slots without a local expert
+    (and every slot of a padding row) hold NaN, which combine must never read."""
+    ys = []
+    for k in range(K):
+        e = jnp.maximum(recv_idx[:, k], 0) + rank * L
+        ys.append(jnp.where((recv_idx[:, k] >= 0)[:, None], _expert_fn(e, recv_x), jnp.nan))
+    return jnp.stack(ys, axis=1).astype(recv_x.dtype)
+
+
 def _mesh(hier: bool) -> Mesh:
     devs = np.array(jax.devices()[:R])
     return Mesh(devs.reshape(NODES, GPUS), ("node", "gpu")) if hier else Mesh(devs, ("ep",))
@@ -88,7 +100,8 @@ def _expected_rows(hier: bool):
 
 @functools.cache
 def _moe_run(impl: str, hier: bool):
-    """One compiled program: dispatch, MoE, combine (+ weights, + plain), layout, and gradients."""
+    """One compiled program: dispatch, MoE via the 2-D and the 3-D combine, plain combine (+ weights),
+    layout, and the gradients of each MoE output (one shared forward, one pullback per output)."""
     mesh = _mesh(hier)
     axes = tuple(mesh.axis_names)
     n = R * T  # worst case: nothing can be dropped
@@ -99,6 +112,7 @@ def _moe_run(impl: str, hier: bool):
         recv_x, recv_idx, recv_w, per_expert, h = deep_ep.dispatch(
             x, idx, w, num_experts=E, num_worst_tokens=n, expert_alignment=4, implementation=impl, **kw)
         out = deep_ep.combine(_moe_rows(rank, recv_x, recv_idx, recv_w), h, implementation=impl)
+        out3 = deep_ep.combine(_moe_slots(rank, recv_x, recv_idx), h, topk_weights=recv_w, implementation=impl)
         plain, comb_w = deep_ep.combine(recv_x, h, topk_weights=recv_w, implementation=impl)
         lay = deep_ep.get_dispatch_layout(idx, num_experts=E, num_ranks=R, ranks_per_node=GPUS,
                                           implementation=impl)
@@ -107,19 +121,20 @@ def _moe_run(impl: str, hier: bool):
                    per_rank=lay.num_tokens_per_rank, per_node=lay.num_tokens_per_node,
                    per_exp_layout=lay.num_tokens_per_expert, in_rank=lay.is_token_in_rank,
                    hop1=h.send_src[0])
-        return out, aux
+        return (out, out3), aux
 
     spec = P(axes)
-    sm = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec))
+    sm = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=((spec, spec), spec))
 
-    def loss(x, w, idx):
-        out, aux = sm(x, idx, w)
-        return (out * PROBE).sum(), (out, aux)
+    @jax.jit
+    def fn(x, w, idx):
+        (out, out3), pull, aux = jax.vjp(lambda x, w: sm(x, idx, w), x, w, has_aux=True)
+        probe, zero = jnp.asarray(PROBE), jnp.zeros_like(out)
+        return out, out3, aux, pull((probe, zero)), pull((zero, probe))
 
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     x, w, idx = _shard(mesh, X, W, IDX)
-    (_, (out, aux)), grads = fn(x, w, idx)
-    return jax.tree.map(np.asarray, (out, aux, grads))
+    out, out3, aux, grads, grads3 = fn(x, w, idx)
+    return jax.tree.map(np.asarray, (out, aux, grads, out3, grads3))
 
 
 @functools.cache
@@ -134,7 +149,7 @@ def _oracle():
 @pytest.mark.parametrize("hier", [False, True], ids=["flat8", "hier2x4"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_moe_layer_matches_reference_moe(impl, hier):
-    out, _, grads = _moe_run(impl, hier)
+    out, _, grads, _, _ = _moe_run(impl, hier)
     ref_out, ref_grads = _oracle()
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grads[0], ref_grads[0], rtol=1e-5, atol=1e-5)
@@ -145,8 +160,22 @@ def test_moe_layer_matches_reference_moe(impl, hier):
 
 @pytest.mark.parametrize("hier", [False, True], ids=["flat8", "hier2x4"])
 @pytest.mark.parametrize("impl", IMPLS)
+def test_per_slot_combine_matches_reference_moe(impl, hier):
+    """combine(x [N, K, H], topk_weights=recv_w) is the weighted MoE output; NaN in the slots of
+    other ranks' experts and in padding rows reaches neither the output nor the gradients."""
+    _, _, _, out3, grads3 = _moe_run(impl, hier)
+    ref_out, ref_grads = _oracle()
+    assert np.isfinite(out3).all() and all(np.isfinite(g).all() for g in grads3)
+    np.testing.assert_allclose(out3, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads3[0], ref_grads[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads3[1], ref_grads[1], rtol=1e-5, atol=1e-4)
+    assert (out3[0::T] == 0).all() and (grads3[0][0::T] == 0).all() and (grads3[1][0::T] == 0).all()
+
+
+@pytest.mark.parametrize("hier", [False, True], ids=["flat8", "hier2x4"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_dispatch_layout_segments_and_ids(impl, hier):
-    _, aux, _ = _moe_run(impl, hier)
+    _, aux, _, _, _ = _moe_run(impl, hier)
     n = R * T
     recv_x, recv_idx, recv_w = (aux[k].reshape(R, n, -1) for k in ("recv_x", "recv_idx", "recv_w"))
     per_expert = aux["per_expert"].reshape(R, L)
@@ -170,7 +199,7 @@ def test_dispatch_layout_segments_and_ids(impl, hier):
 @pytest.mark.parametrize("hier", [False, True], ids=["flat8", "hier2x4"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_combine_of_dispatch_counts_destinations(impl, hier):
-    _, aux, _ = _moe_run(impl, hier)
+    _, aux, _, _, _ = _moe_run(impl, hier)
     ndest = np.array([len(_dests(r, L)) for r in IDX], np.float32)
     np.testing.assert_array_equal(aux["plain"], X * ndest[:, None])
     np.testing.assert_array_equal(aux["comb_w"], np.where(IDX >= 0, W, 0))
@@ -178,7 +207,7 @@ def test_combine_of_dispatch_counts_destinations(impl, hier):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_layout_counts_equal_all_gathered_reference(impl):
-    _, aux, _ = _moe_run(impl, False)
+    _, aux, _, _, _ = _moe_run(impl, False)
     in_rank = np.zeros((R * T, R), bool)
     for i, row in enumerate(IDX):
         in_rank[i, _dests(row, L)] = True
@@ -193,7 +222,7 @@ def test_layout_counts_equal_all_gathered_reference(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_two_hop_sends_one_copy_per_destination_node(impl):
-    _, aux, _ = _moe_run(impl, True)
+    _, aux, _, _, _ = _moe_run(impl, True)
     hop1 = aux["hop1"].reshape(R, NODES, T)  # send_src of the node hop: [rank, dest node, slot]
     for s in range(R):
         for nd in range(NODES):

@@ -185,3 +185,24 @@ def test_layout_validation():
         get_dispatch_layout(idx, num_experts=8, num_ranks=4, ranks_per_node=3)
     with pytest.raises(ValueError, match="rank 2"):
         get_dispatch_layout(idx[0], num_experts=8, num_ranks=4)
+
+
+def test_reference_gather_reduce_gradient_ignores_skipped_entries():
+    """Skipped entries (idx -1) read row 0 internally; NaN there (and NaN weights on skipped entries)
+    must not reach the gradients: the reference is the autodiff oracle of combine's 3-D form."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32).at[0].set(jnp.nan)
+    idx = jnp.asarray([[1, -1, 2], [-1, -1, -1], [5, 3, -1]], jnp.int32)
+    w = jnp.asarray(rng.random((3, 3)), jnp.float32).at[0, 1].set(jnp.nan).at[2, 2].set(jnp.inf)
+    g = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    gx, gw = jax.grad(lambda x, w: (reference.gather_reduce(x, idx, w, jnp.float32) * g).sum(), argnums=(0, 1))(x, w)
+    gx, gw, xn, wn, gn = (np.asarray(a) for a in (gx, gw, x, w, g))
+    want_gx = np.zeros_like(xn)
+    want_gw = np.zeros_like(wn)
+    for n, row in enumerate(np.asarray(idx)):
+        for j, i in enumerate(row):
+            if i >= 0:
+                want_gx[i] += wn[n, j] * gn[n]
+                want_gw[n, j] = xn[i] @ gn[n]
+    np.testing.assert_allclose(gx, want_gx, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gw, want_gw, rtol=1e-6, atol=1e-6)

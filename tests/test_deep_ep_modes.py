@@ -63,17 +63,20 @@ def _fp8_run(impl):
 
     def local(xb, q, s, idx, w):
         kw = dict(num_experts=E, axis_name="ep", num_worst_tokens=R * T, implementation=impl)
-        rb, _, _, _, hb = deep_ep.dispatch(xb, idx, w, **kw)
+        rb, ridx_b, rw_b, _, hb = deep_ep.dispatch(xb, idx, w, **kw)
         (rq, rs), ridx, _, _, _ = deep_ep.dispatch((q, s), idx, w, **kw)
-        return rb, rq, rs, ridx, deep_ep.combine(rb, hb, implementation=impl)
+        # per-slot combine in bf16: every live slot holds the row itself, the others NaN
+        slots = jnp.where((ridx_b >= 0)[..., None], rb[:, None], jnp.asarray(jnp.nan, jnp.bfloat16))
+        weighted = deep_ep.combine(slots, hb, topk_weights=rw_b, implementation=impl)
+        return rb, rq, rs, ridx, deep_ep.combine(rb, hb, implementation=impl), weighted
 
-    out = _sm(local, 5, (SPEC,) * 5)(*_put(XB, q, s, IDX, W))
+    out = _sm(local, 5, (SPEC,) * 6)(*_put(XB, q, s, IDX, W))
     return [np.asarray(o) for o in out], np.asarray(q), np.asarray(s)
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpu"])
 def test_fp8_dispatch(impl):
-    (rb, rq, rs, ridx, plain), q, s = _fp8_run(impl)
+    (rb, rq, rs, ridx, plain, weighted), q, s = _fp8_run(impl)
     n = R * T
     for d in range(R):
         rows = _recv_rows(d)
@@ -88,6 +91,13 @@ def test_fp8_dispatch(impl):
     ndest = np.array([len(_dests(r)) for r in IDX], np.float32)
     want = (np.asarray(XB).astype(np.float32) * ndest[:, None]).astype(jnp.bfloat16)
     np.testing.assert_array_equal(plain.astype(np.float32), want.astype(np.float32))
+    # bf16 per-slot combine = x · Σ of the token's live weights; two bf16 roundings (the per-rank
+    # reduce, the cross-rank sum; unit roundoff 2^-8 each) of same-sign terms:
+    # |error| <= 2·2^-8 · |result| to first order
+    assert weighted.dtype == jnp.bfloat16 and np.isfinite(weighted.astype(np.float32)).all()
+    want_w = np.asarray(XB).astype(np.float64) * np.where(IDX >= 0, W, 0).sum(1, dtype=np.float64)[:, None]
+    err = np.abs(weighted.astype(np.float64) - want_w)
+    assert (err <= 2.0 ** -7 * 1.01 * np.abs(want_w) + 1e-30).all(), err.max()
 
 
 NWT, CAP = 12, 3
@@ -216,6 +226,23 @@ def test_combine_argument_checks():
     with pytest.raises(TypeError, match="handle must be the handle returned by deep_ep.dispatch"):
         deep_ep.combine(jnp.zeros((4, 8)), {"not": "a handle"})
 
+    def per_slot(make_x, make_w):
+        def fn(x, i, w):
+            recv_x, _, rw, _, h = deep_ep.dispatch(x, i, w, num_experts=E, axis_name="ep", num_worst_tokens=20)
+            slots = jnp.broadcast_to(recv_x[:, None], (20, K, H))
+            return deep_ep.combine(make_x(slots), h, topk_weights=make_w(rw))
+        return fn
+    cases = [
+        (per_slot(lambda s: s, lambda w: None), "per-slot x .* needs topk_weights .* got None"),
+        (per_slot(lambda s: s[:, :2], lambda w: w), r"per-slot x must have num_topk=4 slots .* got shape \(20, 2, 256\)"),
+        (per_slot(lambda s: s, lambda w: w[:, :3]), r"topk_weights must have num_topk=4 columns like x, got shape \(20, 3\)"),
+        (per_slot(lambda s: s[..., None], lambda w: w), r"x must have rank 2 .* or 3 .* got shape \(20, 4, 256, 1\)"),
+        (per_slot(lambda s: s[:10], lambda w: w), "x must have num_worst_tokens=20 rows"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            _trace(fn, jnp.asarray(X), jnp.asarray(IDX), jnp.asarray(W))
+
 
 FWD_CAP = 3
 
@@ -281,20 +308,24 @@ def test_cuda_matches_reference_on_one_gpu():
             rx, ridx, rw, cnt, h = deep_ep.dispatch(x, idx, w, num_worst_tokens=t, expert_alignment=8, **kw)
             y = (rx.astype(jnp.float32) * 1.5).astype(jnp.bfloat16)
             out, cw = deep_ep.combine(y, h, topk_weights=rw, implementation=impl)
+            slots = jnp.where((ridx >= 0)[..., None], (rx[:, None] * (1.0 + jnp.arange(K)[:, None])).astype(rx.dtype),
+                              jnp.asarray(jnp.nan, rx.dtype))
+            out3 = deep_ep.combine(slots, h, topk_weights=rw, implementation=impl)
             xs, ws = jax.lax.stop_gradient(x), jax.lax.stop_gradient(w)  # low latency: inference only
             (q, s), llc, llh = deep_ep.low_latency_dispatch(xs, idx, num_max_dispatch_tokens_per_rank=t, **kw)
             ll_out = deep_ep.low_latency_combine(
                 jnp.zeros((e, t, H), jnp.bfloat16) + xs[:1], idx, ws, llh, implementation=impl)
-            return rx, ridx, rw, cnt, out, cw, q, s, llc, ll_out
+            return rx, ridx, rw, cnt, out, cw, q, s, llc, ll_out, out3
 
         def loss(x, w):
             outs = jax.shard_map(local, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep"))(x, idx, w)
-            return outs[4].astype(jnp.float32).sum() + (outs[2] ** 2).sum(), outs
+            return (outs[4].astype(jnp.float32).sum() + (outs[2] ** 2).sum()
+                    + (outs[10].astype(jnp.float32) ** 2).sum()), outs
         (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
         return jax.tree.map(np.asarray, (outs, grads))
 
     got, want = run("cuda"), run("reference")
-    for name, a, b in zip(("rx", "ridx", "rw", "cnt", "out", "cw", "q", "s", "llc", "ll_out"), got[0], want[0]):
+    for name, a, b in zip(("rx", "ridx", "rw", "cnt", "out", "cw", "q", "s", "llc", "ll_out", "out3"), got[0], want[0]):
         if a.dtype == jnp.float8_e4m3fn:
             np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=name)
         else:

@@ -7,8 +7,12 @@ reduce-scattered back). Byte columns are per rank and step, counted from what th
 actually routed (the handle's send slots), not from a formula:
 
 * ``payload_MB``: rows that hold a token and leave the rank, times the row size (dispatch only);
-* ``wire_MB``: the static all_to_all buffers that leave the rank (what XLA moves: with a static
-  capacity, padding travels too; ``ragged_all_to_all`` would move the payload only);
+* ``wire_MB``: the static all_to_all buffers that leave the rank (``transport="all_to_all"``, the
+  default: with a static capacity, padding travels too), rows plus their top-k ids and weights;
+* ``ragged_wire_MB``: what ``transport="ragged"`` (``ragged_all_to_all``, GPU/TPU only) puts on
+  the wire for the same step: exactly the rows that hold a token, with their ids and weights, plus
+  the int32 per-destination counts exchanged first (counted from the handle, as payload_MB);
+  ``node_wire_MB`` / ``node_ragged_wire_MB``: the same two for the node hop of the two-hop path;
 * ``node_copies_per_pair`` (two-hop mode): rows crossing the node axis per distinct
   (token, destination node) pair; 1.0 means one copy per destination node;
 * ``bytes_vs_bf16`` (FP8 rows): row bytes (codes + 1x128 scales) relative to bf16 rows of the same
@@ -135,6 +139,11 @@ def _measured_payload(slots_fn, x, idx, w, t, hier) -> tuple[int, float]:
     return total, total / RANKS
 
 
+def _ragged_wire(rows_per_rank: float, row_bytes: int, dests: int) -> float:
+    """MB a ragged exchange sends per rank: the exact rows (with their metadata) + int32 counts."""
+    return (rows_per_rank * row_bytes + 4 * (dests - 1)) / 1e6
+
+
 def _run_all(quick: bool) -> list[Record]:
     t, h, k, e = (64, 1024, 8, 64) if quick else (256, 2048, 8, 64)
     idx, w = _routing(t, k, e)
@@ -157,7 +166,8 @@ def _run_all(quick: bool) -> list[Record]:
         sec = time_fn(step, xs, ids, ws, **reps)
         pay = per_rank * row_bf16
         out.append(record("deep_ep_dispatch_combine", shape, impl, sec, nbytes=2 * pay,
-                          payload_MB=pay / 1e6, wire_MB=(RANKS - 1) * t * (row_bf16 + 8 * k) / 1e6))
+                          payload_MB=pay / 1e6, wire_MB=(RANKS - 1) * t * (row_bf16 + 8 * k) / 1e6,
+                          ragged_wire_MB=_ragged_wire(per_rank, row_bf16 + 8 * k, RANKS)))
     # A send capacity near the expected load (+5 sigma here) shrinks the static buffers; the bench
     # refuses to report a configuration that dropped anything.
     impl = _impls()[-1]
@@ -168,7 +178,8 @@ def _run_all(quick: bool) -> list[Record]:
     sec = time_fn(step, xs, ids, ws, **reps)
     out.append(record("deep_ep_dispatch_combine", shape, f"{impl} send_capacity={cap}", sec,
                       nbytes=2 * per_rank * row_bf16, payload_MB=per_rank * row_bf16 / 1e6,
-                      wire_MB=(RANKS - 1) * cap * (row_bf16 + 8 * k) / 1e6))
+                      wire_MB=(RANKS - 1) * cap * (row_bf16 + 8 * k) / 1e6,
+                      ragged_wire_MB=_ragged_wire(per_rank, row_bf16 + 8 * k, RANKS)))
     for kind in ("naive_per_expert", "all_gather"):
         sec = time_fn(_baseline_step(mesh, e, kind), xs, ids, ws, **reps)
         if kind == "naive_per_expert":
@@ -205,6 +216,8 @@ def _run_all(quick: bool) -> list[Record]:
         out.append(record("deep_ep_hierarchical", hshape, impl, sec, nbytes=2 * per_rank * row_bf16,
                           node_MB=per_rank * row_bf16 / 1e6,
                           node_copies_per_pair=crossing / max(token_node_pairs, 1),
+                          node_wire_MB=(NODES - 1) * t * (row_bf16 + 8 * k) / 1e6,
+                          node_ragged_wire_MB=_ragged_wire(per_rank, row_bf16 + 8 * k, NODES),
                           naive_node_copies_per_pair=naive_node / max(token_node_pairs, 1)))
     return out
 

@@ -2,8 +2,10 @@
 
 * :func:`get_dispatch_layout`: per-rank / node / expert token counts (local).
 * :func:`dispatch` / :func:`combine`: normal mode (one copy per destination rank, bf16/f32 or FP8,
-  static receive size ``num_worst_tokens``, optional two-hop path over a node axis),
-  differentiable (each is the other's backward).
+  static receive size ``num_worst_tokens``, optional two-hop path over a node axis, transport
+  ``all_to_all`` (static buffers) or ``ragged`` (``ragged_all_to_all``, GPU/TPU)), differentiable
+  (each is the other's backward). ``combine`` takes per-slot expert outputs ``[N, K, H]`` with the
+  received top-k weights (weighted reduce inside, returns ``[T, H]``) or DeepEP's per-row ``[N, H]``.
 * :func:`low_latency_dispatch` / :func:`low_latency_combine`: decoding mode producing DeepGEMM's
   masked layout ``[E/R, R·max_T, H]`` plus per-expert counts.
 * :func:`reference_moe`: a dense single-device MoE, the oracle for EP layers.

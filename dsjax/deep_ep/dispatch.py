@@ -8,10 +8,13 @@ rank (not per expert); received top-k ids are local expert ids with -1 for exper
 node axis once per destination node (to the rank with the same in-node index, as DeepEP's RDMA
 hop does) and is forwarded inside that node (the NVLink hop).
 
-Transport is XLA's ``all_to_all`` with a static send capacity per destination (``ragged_all_to_all``
-does not exist on XLA:CPU), so the bytes on the wire are set by the capacity: a smaller
-``send_capacity`` sends fewer bytes and may drop tokens. Drops are never silent: they are counted
-in ``handle.num_dropped`` (summed over ranks) and ``strict=True`` makes them a run-time error.
+Transport (``transport=``): XLA's ``all_to_all`` with a static send capacity per destination
+(default; runs everywhere, the whole static buffers travel, so a smaller ``send_capacity`` sends
+fewer bytes and may drop tokens), or ``ragged_all_to_all`` (``"ragged"``, GPU/TPU only: XLA:CPU
+does not implement it) which sends each destination exactly its rows into the same static receive
+buffers, after a tiny ``all_to_all`` of the per-destination counts; both give identical arrays.
+Drops are never silent: they are counted in ``handle.num_dropped`` (summed over ranks) and
+``strict=True`` makes them a run-time error.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from jax.experimental import io_callback
 
 from dsjax._src import dispatch as impl_dispatch
 from dsjax.deep_ep import _plan, _validate
-from dsjax.deep_ep._plan import Handle, Hop, exchange
+from dsjax.deep_ep._plan import Handle, Hop, exchange_hop, hop_counts
 
 _HAS = ("reference", "cpu", "cuda")
 I32 = jnp.int32
@@ -46,6 +49,7 @@ class _Config:
     forward_capacity: int
     strict: bool
     impl: str
+    transport: str
 
     @property
     def all_axes(self) -> Any:
@@ -74,20 +78,25 @@ def _plan_routes(kern, topk_idx: jax.Array, topk_weights: jax.Array, cfg: _Confi
     """Routes, exchanges the metadata and compacts: (handle, recv_idx, recv_w, per_expert)."""
     t = topk_idx.shape[0]
     local = cfg.num_experts // cfg.num_ranks
+    ragged = cfg.transport == "ragged"
     if cfg.node_axis is None:
-        hops = (Hop(cfg.axis, cfg.num_ranks, cfg.capacity),)
+        hops = (Hop(cfg.axis, cfg.num_ranks, cfg.capacity, cfg.transport),)
         red, src, sidx, sw, dropped = kern.route(
             topk_idx, topk_weights, experts_per_dest=local, num_dests=cfg.num_ranks,
             capacity=cfg.capacity, local_ids=True)
         reds, srcs = (red,), (src,)
+        counts = (hop_counts(hops[0], src),) if ragged else ()
     else:
         gpus = cfg.num_ranks // cfg.num_nodes
         per_node = local * gpus
-        hops = (Hop(cfg.node_axis, cfg.num_nodes, cfg.capacity), Hop(cfg.axis, gpus, cfg.forward_capacity))
+        hops = (Hop(cfg.node_axis, cfg.num_nodes, cfg.capacity, cfg.transport),
+                Hop(cfg.axis, gpus, cfg.forward_capacity, cfg.transport))
         red1, src1, sidx1, sw1, d1 = kern.route(
             topk_idx, topk_weights, experts_per_dest=per_node, num_dests=cfg.num_nodes,
             capacity=cfg.capacity, local_ids=False)
-        idx1, w1 = exchange(sidx1, cfg.node_axis), exchange(sw1, cfg.node_axis)
+        c1 = hop_counts(hops[0], src1) if ragged else None
+        idx1 = exchange_hop(sidx1, hops[0], c1, fill=-1)
+        w1 = exchange_hop(sw1, hops[0], c1)
         # The forwarder keeps only its own node's experts, renumbered from 0 within the node.
         lo = jax.lax.axis_index(cfg.node_axis).astype(I32) * per_node
         idx1 = jnp.where((idx1 >= lo) & (idx1 < lo + per_node), idx1 - lo, -1)
@@ -95,7 +104,10 @@ def _plan_routes(kern, topk_idx: jax.Array, topk_weights: jax.Array, cfg: _Confi
             idx1, w1, experts_per_dest=local, num_dests=gpus, capacity=cfg.forward_capacity,
             local_ids=True)
         reds, srcs, dropped = (red1, red2), (src1, src2), d1 + d2
-    ridx, rw = exchange(sidx, cfg.axis), exchange(sw, cfg.axis)
+        counts = (c1, hop_counts(hops[1], src2)) if ragged else ()
+    last = counts[-1] if ragged else None
+    ridx = exchange_hop(sidx, hops[-1], last, fill=-1)
+    rw = exchange_hop(sw, hops[-1], last)
     recv_src, recv_dst, kept, dropped_recv = _plan.compact((ridx >= 0).any(axis=1), cfg.num_worst_tokens)
     recv_idx = jnp.where(recv_src[:, None] >= 0, kern.gather_rows(ridx, recv_src), -1)
     recv_w = kern.gather_rows(rw, recv_src)
@@ -106,7 +118,8 @@ def _plan_routes(kern, topk_idx: jax.Array, topk_weights: jax.Array, cfg: _Confi
     if cfg.strict:
         invalid = jax.lax.psum((topk_idx >= cfg.num_experts).sum(dtype=I32), cfg.all_axes)
         per_expert = per_expert + _strict_check(num_dropped, invalid)
-    handle = Handle(reds, srcs, recv_src, recv_dst, num_dropped, kept, hops, t)
+    handle = Handle(reds, srcs, recv_src, recv_dst, recv_idx, tuple(c[0] for c in counts),
+                    tuple(c[1] for c in counts), num_dropped, kept, hops, t)
     return handle, recv_idx, recv_w, per_expert
 
 
@@ -159,6 +172,7 @@ def dispatch(
     send_capacity: int | None = None,
     forward_capacity: int | None = None,
     strict: bool = False,
+    transport: str = "all_to_all",
     implementation: impl_dispatch.Implementation = "auto",
 ):
     """Sends each token to the EP ranks holding its experts; call inside ``jax.shard_map``.
@@ -184,6 +198,11 @@ def dispatch(
             default ``min(nodes·send_capacity, num_worst_tokens)``.
         strict: raise at run time (host callback, ``JaxRuntimeError`` carrying a ValueError)
             when a copy was dropped or an id is ``>= num_experts``.
+        transport: ``"all_to_all"`` (static buffers, every backend) or ``"ragged"``
+            (``jax.lax.ragged_all_to_all`` with exact per-destination sizes and offsets: only rows
+            holding a token travel; GPU/TPU backends only: on a CPU default backend it raises
+            ValueError before any collective is traced). Recorded in the handle, so
+            :func:`combine` (and both backward passes) use the same transport. Same results.
         implementation: ``"auto"`` | ``"cuda"`` | ``"cpu"`` | ``"reference"`` for the local work.
 
     Returns:
@@ -221,8 +240,13 @@ def dispatch(
     else:
         fwd_cap = (min(nodes * cap, nwt) if forward_capacity is None
                    else _validate.positive_int(op, "forward_capacity", forward_capacity))
+    if transport not in _plan.TRANSPORTS:
+        raise ValueError(f"{op}: transport must be one of {_plan.TRANSPORTS}, got {transport!r}")
+    if transport == "ragged":
+        _plan.check_ragged_backend(op)
     impl = impl_dispatch.choose(implementation, op=op, has=_HAS)
-    cfg = _Config(e, axis_name, node_axis_name, ranks, nodes, nwt, align, cap, fwd_cap, strict, impl)
+    cfg = _Config(e, axis_name, node_axis_name, ranks, nodes, nwt, align, cap, fwd_cap, strict, impl,
+                  transport)
     if impl == "reference":  # never wrapped: plain autodiff of the reference is the oracle
         recv, recv_idx, recv_w, per_expert, handle = _dispatch_impl(parts, topk_idx, topk_weights, cfg)
     else:

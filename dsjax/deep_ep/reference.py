@@ -138,7 +138,11 @@ def gather_reduce(x: jax.Array, idx: jax.Array, weights: jax.Array | None, out_d
     has = idx >= 0
     rows = x[jnp.maximum(idx, 0)].astype(F32)  # [N, J, H]
     w = jnp.ones(idx.shape, F32) if weights is None else weights.astype(F32)
-    # where(), not a multiply by 0: a padding row may hold inf/NaN from an unrelated row 0.
+    # where(), not a multiply by 0: a skipped entry reads row 0, which may hold inf/NaN. Both the
+    # rows and the weights are masked *before* the product too, so that under autodiff the
+    # product's transpose never forms 0·NaN (the two-where rule).
+    rows = jnp.where(has[..., None], rows, 0.0)
+    w = jnp.where(has, w, 0.0)
     terms = jnp.where(has[..., None], rows * w[..., None], 0.0)
     out = terms[:, 0] if idx.shape[1] > 0 else jnp.zeros((idx.shape[0], x.shape[1]), F32)
     for j in range(1, idx.shape[1]):  # sequential order, as the native twins sum
