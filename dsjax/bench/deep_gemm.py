@@ -9,15 +9,26 @@ the same (N, K) pairs. Every shape times each available implementation, the refe
 
 TFLOP/s = 2·m·n·k / t (useful rows only for the grouped GEMMs); GB/s = (m·k + k·n + 2·m·n) / t
 (FP8 operands, bf16 output); ``vs_bf16`` = XLA bf16 dot time / this time.
+
+On a GPU the dense, contiguous and masked shapes are also timed with the Hopper TMA + WGMMA kernel
+(row ``cuda_wgmma``, selected through ``DSJAX_DEEP_GEMM_KERNEL=wgmma`` while it is traced) next to
+the default mma kernel (``cuda``) and XLA's bf16 dot, and the issue's target shape M=4096, N=7168,
+K=16384 is measured first, so that a short GPU session gets it. ``DSJAX_BENCH_SKIP_WGMMA=1`` leaves
+the WGMMA rows out (``scripts/gpu_check.sh`` sets it when the kernel failed its smoke run).
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 
 from dsjax import deep_gemm as dg
 from dsjax.bench._harness import Record, implementations, record, time_fn
+from dsjax.deep_gemm import _gemm_ffi
 
 BENCH = "deep_gemm"
 _NK_DENSE = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
@@ -27,7 +38,9 @@ _NK_GROUPED = [(4096, 7168), (7168, 2048)]
 def _cases(quick: bool) -> list[tuple[str, int, int, int, int]]:
     """(kind, groups, m per group, n, k)."""
     if jax.default_backend() == "gpu" and not quick:
-        cases = [("dense", 1, m, n, k) for m in (64, 128, 4096) for n, k in _NK_DENSE]
+        target = ("dense", 1, 4096, 7168, 16384)  # the issue's acceptance shape, first
+        cases = [target] + [("dense", 1, m, n, k) for m in (64, 128, 4096) for n, k in _NK_DENSE
+                            if ("dense", 1, m, n, k) != target]
         cases += [("contiguous", g, m, n, k) for g, m in ((4, 8192), (8, 4096)) for n, k in _NK_GROUPED]
         cases += [("masked", g, m, n, k) for g, m in ((1, 1024), (2, 512), (4, 256)) for n, k in _NK_GROUPED]
         cases += [("k_grouped", 4, 4096, 4096, 8192)]
@@ -38,6 +51,20 @@ def _cases(quick: bool) -> list[tuple[str, int, int, int, int]]:
     if not quick:
         cases += [("dense", 1, 512, 7168, 2048), ("contiguous", 4, 256, 4096, 7168)]
     return cases
+
+
+@contextlib.contextmanager
+def _kernel(name: str) -> Iterator[None]:
+    """Selects the CUDA GEMM kernel (read when a GEMM is traced) for the duration of the block."""
+    old = os.environ.get(_gemm_ffi.KERNEL_ENV)
+    os.environ[_gemm_ffi.KERNEL_ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_gemm_ffi.KERNEL_ENV, None)
+        else:
+            os.environ[_gemm_ffi.KERNEL_ENV] = old
 
 
 def _bf16_dot(kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -99,8 +126,15 @@ def _case(kind: str, g: int, m: int, n: int, k: int, quick: bool) -> list[Record
     f_bf = jax.jit(lambda x, w: _bf16_dot(kind, x, w))
     t_bf = time_fn(f_bf, *bf, warmup=2, repeats=reps)
     for impl in implementations():
-        t = time_fn(fn(impl), a, b, warmup=2, repeats=reps)
+        with _kernel("mma"):
+            t = time_fn(fn(impl), a, b, warmup=2, repeats=reps)
         out.append(record(BENCH, shape, impl, t, nbytes=nbytes, flops=flops, vs_bf16=t_bf / t))
+        if (impl == "cuda" and kind in ("dense", "contiguous", "masked")
+                and not os.environ.get("DSJAX_BENCH_SKIP_WGMMA")):
+            with _kernel("wgmma"):  # traced (and so lowered to the WGMMA target) inside the block
+                t = time_fn(fn(impl), a, b, warmup=2, repeats=reps)
+            out.append(record(BENCH, shape, "cuda_wgmma", t, nbytes=nbytes, flops=flops,
+                              vs_bf16=t_bf / t))
     out.append(record(BENCH, shape, "xla_bf16_dot", t_bf, nbytes=2 * nbytes, flops=flops,
                       vs_bf16=1.0))
     return out

@@ -8,7 +8,9 @@ produced by :func:`dsjax.deep_gemm.per_token_cast_to_fp8` (1x128) and
 
 Each call validates its arguments (errors name the argument, the expected and the given), picks
 an implementation (``auto`` | ``cuda`` | ``cpu`` | ``reference``; see :mod:`dsjax._src.dispatch`)
-and runs it.
+and runs it. The FFI implementations run through :mod:`dsjax.deep_gemm.partition`, so under
+``jax.jit`` with sharded operands each device multiplies its own rows (and 128-aligned columns,
+groups) without gathering them; a sharded K is summed per shard and all-reduced.
 Data-dependent layout rules (group indices, masked counts, group sizes) are checked here when the
 values are concrete, and by the CPU twin at run time under ``jit`` (it returns an error); the
 reference and the CUDA kernels cannot check traced values and follow the documented edge-case
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax._src import checks, dispatch
-from dsjax.deep_gemm import _gemm_ffi, gemm_reference
+from dsjax.deep_gemm import _gemm_ffi, gemm_reference, partition
 
 GROUP = gemm_reference.GROUP
 _HAS = ("reference", "cpu", "cuda")
@@ -117,6 +119,41 @@ def _check_int_vector(op: str, name: str, x: Any, length: int, layout: str) -> N
     checks.check_shape(name, x, (length,), op=op, layout=layout)
 
 
+def _dense_ffi(aq: jax.Array, sa: jax.Array, bq: jax.Array, sb: jax.Array, c: jax.Array | None,
+               dt: Any, per_row: bool) -> jax.Array:
+    """The dense FFI GEMM, partitioned (see :mod:`dsjax.deep_gemm.partition`)."""
+    cc = () if c is None else (c,)
+
+    def local(aq, sa, bq, sb, *cc):
+        return _gemm_ffi.fp8_gemm_nt((aq, sa), (bq, sb), cc[0] if cc else None, dt, per_row)
+
+    def partial(aq, sa, bq, sb, *cc):  # this shard's K blocks, float32, no accumulator
+        return _gemm_ffi.fp8_gemm_nt((aq, sa), (bq, sb), None, jnp.float32, per_row)
+
+    def finish(total, aq, sa, bq, sb, *cc):
+        return (total + cc[0] if cc else total).astype(dt)
+
+    layout = partition.gemm_layout("dense", c is not None, n_blocked=not per_row)
+    return partition.partitioned(layout, local, partial=partial, finish=finish)(aq, sa, bq, sb, *cc)
+
+
+def _grouped_ffi(kind: str, fn: Any, aq: jax.Array, sa: jax.Array, bq: jax.Array, sb: jax.Array,
+                 rows: jax.Array, dt: Any) -> jax.Array:
+    """An m-grouped FFI GEMM (``kind`` ``contiguous`` | ``masked``), partitioned."""
+
+    def local(aq, sa, bq, sb, rows):
+        return fn((aq, sa), (bq, sb), rows, dt)
+
+    def partial(aq, sa, bq, sb, rows):
+        return fn((aq, sa), (bq, sb), rows, jnp.float32)
+
+    def finish(total, *_):
+        return total.astype(dt)
+
+    return partition.partitioned(partition.gemm_layout(kind, False), local, partial=partial,
+                                 finish=finish)(aq, sa, bq, sb, rows)
+
+
 def fp8_gemm_nt(a: Fp8Pair, b: Fp8Pair, *, c: jax.Array | None = None,
                 out_dtype: Any = jnp.bfloat16,
                 implementation: dispatch.Implementation = "auto") -> jax.Array:
@@ -146,7 +183,7 @@ def fp8_gemm_nt(a: Fp8Pair, b: Fp8Pair, *, c: jax.Array | None = None,
     impl = dispatch.choose(implementation, op=op, has=_HAS)
     if impl == "reference":
         return gemm_reference.fp8_gemm_nt((aq, sa), (bq, sb), c=c, out_dtype=dt)
-    return _gemm_ffi.fp8_gemm_nt((aq, sa), (bq, sb), c, dt, False)
+    return _dense_ffi(aq, sa, bq, sb, c, dt, False)
 
 
 def fp8_gemm_nt_1d1d(a: Fp8Pair, b: Fp8Pair, *, c: jax.Array | None = None,
@@ -171,7 +208,7 @@ def fp8_gemm_nt_1d1d(a: Fp8Pair, b: Fp8Pair, *, c: jax.Array | None = None,
     if impl == "reference":
         return gemm_reference.fp8_gemm_nt((aq, sa), (bq, sb), c=c, out_dtype=jnp.float32,
                                           b_per_row=True)
-    return _gemm_ffi.fp8_gemm_nt((aq, sa), (bq, sb), c, jnp.float32, True)
+    return _dense_ffi(aq, sa, bq, sb, c, np.dtype(jnp.float32), True)
 
 
 def _check_contiguous_indices(op: str, m_indices: np.ndarray, groups: int) -> None:
@@ -225,7 +262,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair, m_indices: jax.Arra
     if impl == "reference":
         return gemm_reference.m_grouped_fp8_gemm_nt_contiguous((aq, sa), (bq, sb), m_indices,
                                                                out_dtype=dt)
-    return _gemm_ffi.m_grouped_contiguous((aq, sa), (bq, sb), m_indices, dt)
+    return _grouped_ffi("contiguous", _gemm_ffi.m_grouped_contiguous, aq, sa, bq, sb, m_indices, dt)
 
 
 def m_grouped_fp8_gemm_nt_masked(a: Fp8Pair, b: Fp8Pair, masked_m: jax.Array, expected_m: int, *,
@@ -272,7 +309,7 @@ def m_grouped_fp8_gemm_nt_masked(a: Fp8Pair, b: Fp8Pair, masked_m: jax.Array, ex
     if impl == "reference":
         return gemm_reference.m_grouped_fp8_gemm_nt_masked((aq, sa), (bq, sb), masked_m,
                                                            out_dtype=dt)
-    return _gemm_ffi.m_grouped_masked((aq, sa), (bq, sb), masked_m, dt)
+    return _grouped_ffi("masked", _gemm_ffi.m_grouped_masked, aq, sa, bq, sb, masked_m, dt)
 
 
 def k_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair,
@@ -321,4 +358,10 @@ def k_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair,
     impl = dispatch.choose(implementation, op=op, has=_HAS)
     if impl == "reference":
         return gemm_reference.k_grouped_fp8_gemm_nt_contiguous((aq, sa), (bq, sb), group_ks, c=c)
-    return _gemm_ffi.k_grouped_contiguous((aq, sa), (bq, sb), group_ks, c)
+    cc = () if c is None else (c,)
+
+    def local(aq, sa, bq, sb, gk, *cc):
+        return _gemm_ffi.k_grouped_contiguous((aq, sa), (bq, sb), gk, cc[0] if cc else None)
+
+    return partition.partitioned(partition.gemm_layout("k_grouped", c is not None), local)(
+        aq, sa, bq, sb, group_ks, *cc)

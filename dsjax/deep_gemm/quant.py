@@ -3,6 +3,9 @@
 Each call validates its arguments, picks an implementation (``auto`` | ``cuda`` | ``cpu`` |
 ``reference``; see :mod:`dsjax._src.dispatch`) and runs it. The CPU and CUDA twins produce the
 same bytes and scales as :mod:`dsjax.deep_gemm.reference`, which documents the semantics.
+The FFI implementations run through :mod:`dsjax.deep_gemm.partition`: under ``jax.jit`` with a
+sharded ``x`` each device quantizes its own rows (leading dims freely, the blocked dims in steps of
+128 per shard, so every group is the global one and the bytes equal the unsharded call's).
 The casts are not differentiable (their outputs are FP8 codes); taking a gradient raises TypeError.
 """
 
@@ -14,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax._src import checks, dispatch
-from dsjax.deep_gemm import _ffi, reference
+from dsjax.deep_gemm import _ffi, partition, reference
 
 _HAS = ("reference", "cpu", "cuda")
 GROUP = reference.GROUP
@@ -33,8 +36,21 @@ def _run(kind: str, x: jax.Array, use_ue8m0: bool, impl: str) -> tuple[jax.Array
     if impl == "reference":
         fn = reference.per_token_cast_to_fp8 if kind == "token" else reference.per_block_cast_to_fp8
         return fn(x, use_ue8m0=use_ue8m0)
+    return _ffi_cast(kind, x, use_ue8m0)
+
+
+def _ffi_cast(kind: str, x: jax.Array, use_ue8m0: bool) -> tuple[jax.Array, jax.Array]:
     fn = _ffi.per_token_cast_to_fp8 if kind == "token" else _ffi.per_block_cast_to_fp8
-    return fn(x, use_ue8m0)
+
+    def local(x):
+        return tuple(fn(x, use_ue8m0))
+
+    def vmap_rule(axis_size, in_batched, x):
+        # The vmapped axis arrives in front: one more leading batch dim of the same op.
+        return _ffi_cast(kind, x, use_ue8m0), (True, True)
+
+    return partition.partitioned(partition.quant_layout(kind, x.ndim), local,
+                                 vmap_rule=vmap_rule)(x)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))

@@ -9,6 +9,16 @@ Accumulation is float32 with promotion every 128 elements of K. Master weights a
 in the caller's precision (f32/bf16); only the GEMM operands are FP8. Like DeepSeek-V3, the
 forward pass caches the FP8 forms (xᵀ for Wgrad, the weight blocks for Dgrad), not ``x`` itself.
 
+Sharding: the quantizers and GEMMs carry partitioning rules (:mod:`dsjax.deep_gemm.partition`),
+so under ``jax.jit`` with batch-sharded activations and a replicated weight every device
+quantizes and multiplies its own rows, with no gather: Fprop and Dgrad are bit-identical to the
+unsharded call, and Wgrad (its contraction runs over the tokens) is per-shard partial sums
+all-reduced, equal up to float32 summation order -- provided each shard holds a multiple of 128
+rows, so that the 1x128 tiles of ``xᵀ`` and ``dyᵀ`` are the global ones; otherwise those two
+operands are gathered for Wgrad (correct, slower). Inside ``jax.shard_map`` the ops make a
+replicated weight varying over the activations' mesh axes themselves, so the weight gradient
+comes back summed over them (the transpose of that cast), as for any replicated parameter.
+
 Both ops are ``jax.custom_vjp`` whose forward and backward call the public GEMMs with the same
 ``implementation`` choice; plain autodiff of ``x @ w`` in float32 is the oracle in the tests.
 """
@@ -23,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax._src import checks, dispatch
+from dsjax._src.ffi import _varying_axes
 from dsjax.deep_gemm import gemm, quant
 
 GROUP = gemm.GROUP
@@ -45,6 +56,22 @@ def _impls(implementation: str, op: str) -> tuple[str, str]:
     q = dispatch.choose(implementation, op=op, has=("reference", "cpu", "cuda"))
     g = dispatch.choose(implementation, op=op, has=gemm._HAS)
     return q, g
+
+
+def _vary_alike(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """Inside ``jax.shard_map``: casts every operand to vary over the union of their mesh axes.
+
+    A custom_vjp's cotangents must vary like its primals; the weight gradient of sharded
+    activations varies over their axes, so a replicated weight is marked varying here, and the
+    transpose of that cast sums its gradient over those axes. Outside shard_map: a no-op.
+    """
+    axes = [_varying_axes(x) for x in xs]
+    union = set().union(*axes)
+    out = []
+    for x, have in zip(xs, axes):
+        missing = tuple(sorted(union - have, key=str))
+        out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- dense
@@ -85,6 +112,10 @@ def fp8_linear(x: jax.Array, w: jax.Array, *,
             and GEMMs of all three passes (GEMMs without a CUDA kernel fall back to the reference
             under ``auto``).
 
+    Sharding: under ``jit``, rows of ``x`` (any leading axis) sharded over a mesh stay on their
+    devices (see the module docstring); inside ``shard_map`` a replicated ``w`` needs no
+    ``pvary``: its gradient comes back summed over the axes ``x`` varies over.
+
     Returns:
         ``[..., n]`` in ``x.dtype``. Gradients: ``dx`` in ``x.dtype``, ``dw`` in ``w.dtype``.
         Values carry FP8 quantization error (calc_diff against the f32 product about 1e-4..1e-3).
@@ -102,6 +133,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, *,
                          f"and w {tuple(w.shape)}")
     qimpl, gimpl = _impls(implementation, op)
     lead = x.shape[:-1]
+    x, w = _vary_alike(x, w)
     y = _linear(x.reshape(-1, x.shape[-1]), w, qimpl, gimpl)
     return y.reshape(*lead, w.shape[1])
 
@@ -173,6 +205,11 @@ def fp8_grouped_linear(x: jax.Array, w: jax.Array, m_indices: jax.Array, *,
             gradient contribution).
         implementation: ``"auto"`` | ``"cuda"`` | ``"cpu"`` | ``"reference"``.
 
+    Sharding: Fprop and Dgrad partition by 128-row blocks like :func:`fp8_linear`; Wgrad sorts
+    the blocks by expert over the whole ``m_sum``, so under ``jit`` with sharded rows that
+    permutation moves rows between devices. For data-parallel experts call it inside
+    ``jax.shard_map`` (as :mod:`dsjax.nn.ep` does); a replicated ``w`` is marked varying there.
+
     Returns:
         ``[m_sum, n]`` in ``x.dtype``; gradients flow to ``x`` and ``w`` (none to ``m_indices``).
     """
@@ -190,4 +227,5 @@ def fp8_grouped_linear(x: jax.Array, w: jax.Array, m_indices: jax.Array, *,
     checks.check_dtype("m_indices", m_indices, (jnp.int32,), op=op)
     checks.check_shape("m_indices", m_indices, (x.shape[0],), op=op, layout="[m_sum]")
     qimpl, gimpl = _impls(implementation, op)
+    x, w = _vary_alike(x, w)
     return _grouped(x, w, m_indices, qimpl, gimpl)

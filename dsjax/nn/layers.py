@@ -75,9 +75,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, freqs: jax.Array) -> jax.Arra
 def vary_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """Marks a ``shard_map`` value that is identical over mesh ``axes`` as varying over them.
 
-    Needed before a ``custom_vjp`` op (the FP8 GEMMs) mixes a replicated weight with sharded
-    activations: its weight cotangent varies like the activations, and JAX only sums it over
-    the data-parallel axes (the transpose of this cast) when the primal was marked varying.
+    Needed before a ``custom_vjp`` op mixes a replicated weight with sharded activations: its
+    weight cotangent varies like the activations, and JAX only sums it over the data-parallel
+    axes (the transpose of this cast) when the primal was marked varying. The FP8 recipe
+    (:func:`dsjax.deep_gemm.fp8_linear`, ``fp8_grouped_linear``) now does this itself; the helper
+    stays for other custom_vjp ops and for code that marks weights explicitly (a no-op on a
+    value that already varies).
     """
     if not axes:
         return x
@@ -86,15 +89,17 @@ def vary_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 
 class ModelFp8Linear(Fp8Linear):
-    """:class:`~dsjax.nn.fp8.Fp8Linear` that can run data-parallel under ``jax.shard_map``.
+    """:class:`~dsjax.nn.fp8.Fp8Linear` that can run data-parallel under an explicit ``shard_map``.
 
-    The FP8 quantizers and GEMMs are custom calls, which XLA's automatic partitioner cannot
-    split: under ``jit`` with a batch-sharded input it gathers the whole batch and runs every
-    GEMM on every device. After :func:`shard_fp8_linears` the call runs inside ``shard_map``
-    over the leading (batch) axis instead: each device quantizes and multiplies its own rows
-    with the replicated weight, and the weight gradient is summed over the batch axes (the
-    transpose of marking the weight varying). Row-wise quantization makes the forward identical
-    to the unsharded one; Wgrad's 1x128 tiles then run along each device's rows.
+    Under plain ``jit`` the FP8 quantizers and GEMMs already run sharded (their partitioning
+    rules, :mod:`dsjax.deep_gemm.partition`): each device quantizes and multiplies its own rows,
+    bit-identical to the unsharded forward, and the weight gradient is all-reduced -- without any
+    gather when every device holds a multiple of 128 tokens (the 1x128 tiles of Wgrad's ``xᵀ``
+    run along the tokens; otherwise those operands are gathered for Wgrad). After
+    :func:`shard_fp8_linears` the call runs inside ``shard_map`` over the leading (batch) axis
+    instead, so Wgrad's tiles run along each device's own rows: never a gather, at any batch
+    size, at the price of tiles that depend on the sharding (within FP8 rounding of the
+    unsharded gradient). The recipe marks the replicated weight varying itself.
     """
 
     def __init__(self, *args, **kwargs):
@@ -110,15 +115,21 @@ class ModelFp8Linear(Fp8Linear):
         impl = self.implementation
 
         def local(xl, w):
-            return fp8_linear(xl, vary_over(w, axes), implementation=impl)
+            return fp8_linear(xl, w, implementation=impl)
 
         return _shard_map(local, mesh=mesh, in_specs=(P(axes), P()), out_specs=P(axes))(
             x.astype(dtype), self.kernel[...].astype(dtype))
 
 
 def shard_fp8_linears(model: nnx.Module, mesh, axes: tuple[str, ...]) -> int:
-    """Makes every :class:`ModelFp8Linear` of ``model`` run data-parallel over mesh ``axes``
-    (their inputs' leading axis must be split over them); returns how many were switched."""
+    """Makes every :class:`ModelFp8Linear` of ``model`` run data-parallel over mesh ``axes`` in
+    an explicit ``shard_map`` (their inputs' leading axis must be split over them); returns how
+    many were switched.
+
+    Optional since the FP8 ops have partitioning rules: plain ``jit`` already keeps the rows on
+    their devices (see :class:`ModelFp8Linear` for when the two differ: the training loop keeps
+    the explicit form so that Wgrad never gathers at small per-device batches).
+    """
     n = 0
     for _, node in nnx.iter_graph(model):
         if isinstance(node, ModelFp8Linear):
