@@ -57,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     mesh = parse_mesh(args.mesh)
     if args.platform_cpu_devices:
         # Before JAX creates its CPU backend; an XLA_FLAGS device count of the user's wins.
-        ensure_host_devices(max(8, mesh["dp"] * mesh["ep"]))
+        ensure_host_devices(max(8, mesh["pp"] * mesh["dp"] * mesh["ep"]))
     if args.coordinator:
         import jax
 
@@ -68,7 +68,8 @@ def _train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, mesh=mesh,
                       seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
                       rebalance_every=args.rebalance_every, resume=args.resume,
-                      implementation=args.implementation, fp8=args.fp8)
+                      implementation=args.implementation, fp8=args.fp8, schedule=args.schedule,
+                      microbatches=args.microbatches, redundant_experts=args.redundant_experts)
     hist = train(cfg)
     first, last = hist["loss"][0], hist["loss"][-1]
     print(f"done: loss {first:.3f} (step {hist['step'][0]}) -> {last:.3f} (step {hist['step'][-1]}); "
@@ -99,14 +100,22 @@ def _add_main_job(sub) -> None:
     t.add_argument("--data", default="data/tokens", help="token dataset from dsjax prepare")
     t.add_argument("--out", default="runs/tiny", help="run directory: config, checkpoints, plots")
     t.add_argument("--steps", type=int, default=150, help="train until this step (default 150)")
-    t.add_argument("--batch-size", type=int, default=16, help="sequences per step, a multiple of dp*ep")
+    t.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per step, a multiple of dp*ep (x --microbatches when pp > 1)")
     t.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     t.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
-    t.add_argument("--mesh", default="dp=2,ep=4", help="mesh shape: data-parallel x expert-parallel")
+    t.add_argument("--mesh", default="pp=2,ep=4",
+                   help="mesh shape: pipeline x data-parallel x expert-parallel, e.g. pp=2,ep=4 or dp=2,ep=4")
+    t.add_argument("--schedule", default="dualpipe", choices=("dualpipe", "dualpipev", "zb1p", "1f1b", "gpipe"),
+                   help="pipeline schedule when pp > 1 (default dualpipe)")
+    t.add_argument("--microbatches", type=int, default=4, help="micro-batches per step when pp > 1")
+    t.add_argument("--redundant-experts", type=int, default=None,
+                   help="EPLB: extra expert slots per MoE layer (default: one per EP rank; 0: no replicas, "
+                        "placement only reported)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--ckpt-every", type=int, default=50)
-    t.add_argument("--rebalance-every", type=int, default=25, help="EPLB report period (steps)")
+    t.add_argument("--rebalance-every", type=int, default=25, help="EPLB rebalancing period (steps)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--implementation", default="auto", choices=impls, help="DeepEP kernels")
     t.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,

@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsjax.eplb import (ExpertLoad, ExpertLoadTracker, count_experts, rebalance_experts,
-                        relayout_expert_weights, replica_route)
+                        relayout_expert_weights, replica_route, round_robin_placement,
+                        tie_replica_grads)
 
 # --------------------------------------------------------------------------- tracker
 
@@ -189,3 +190,45 @@ def test_relayout_errors():
         relayout_expert_weights(w, a, b[:8])
     with pytest.raises(ValueError, match="leading axis 32"):
         relayout_expert_weights(jnp.zeros((31, 2)), a, b)
+
+
+# --------------------------------------------------------------------------- placement state
+
+
+@pytest.mark.parametrize("e,r", [(8, 12), (4, 4), (3, 8)])
+def test_round_robin_placement_is_consistent(e, r):
+    phy2log, log2phy, logcnt = (np.asarray(a) for a in round_robin_placement(e, r))
+    assert phy2log.shape == (r,) and log2phy.shape == (e, r - e + 1) and logcnt.shape == (e,)
+    np.testing.assert_array_equal(phy2log, np.arange(r) % e)
+    np.testing.assert_array_equal(logcnt, np.bincount(phy2log, minlength=e))
+    for x in range(e):
+        np.testing.assert_array_equal(log2phy[x, :logcnt[x]], np.flatnonzero(phy2log == x))
+        assert (log2phy[x, logcnt[x]:] == -1).all()
+    # Same shapes as the solver's output, so a later placement can replace it in place.
+    res = rebalance_experts(jnp.ones((1, e)), r, 1, 1, 1)
+    assert res.log2phy.shape[1:] == log2phy.shape and res.phy2log.shape[1:] == phy2log.shape
+    # replica_route with it spreads an expert's tokens over its slots.
+    idx = jnp.zeros((6, 1), jnp.int32)
+    got = np.asarray(replica_route(idx, jnp.asarray(log2phy), jnp.asarray(logcnt)))
+    assert sorted(np.bincount(got.ravel(), minlength=r)[phy2log == 0]) == sorted(
+        [6 // logcnt[0] + (i < 6 % logcnt[0]) for i in range(logcnt[0])])
+    with pytest.raises(ValueError, match=r"num_replicas must be >= num_experts \(5\), got 4"):
+        round_robin_placement(5, 4)
+
+
+def test_tie_replica_grads_sums_replicas_and_keeps_singletons_exact():
+    phy2log = jnp.array([2, 0, 1, 2, 0, 2], jnp.int32)
+    g = jnp.asarray(np.random.default_rng(6).normal(size=(6, 3, 2)), jnp.float32)
+    h = jnp.arange(6, dtype=jnp.bfloat16)
+    out = jax.jit(tie_replica_grads)({"g": g, "h": h}, phy2log)
+    gn = np.asarray(g)
+    for s, e in enumerate(np.asarray(phy2log)):
+        want = gn[np.asarray(phy2log) == e].sum(0)
+        np.testing.assert_allclose(np.asarray(out["g"][s]), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["g"][2]), gn[2])     # one replica: unchanged
+    assert out["h"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out["h"], np.float32), [8, 5, 2, 8, 5, 8])  # 0+3+5, 1+4, 2
+    with pytest.raises(ValueError, match=r"leading axis 6 \(slots\), got shape \(5,\)"):
+        tie_replica_grads(jnp.zeros(5), phy2log)
+    with pytest.raises(TypeError, match="phy2log must have an integer dtype"):
+        tie_replica_grads(g, phy2log.astype(jnp.float32))

@@ -50,7 +50,12 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, tokens):
         (["train", "--mesh", "dp=2"], "an 'ep' axis is required"),
         (["train", "--mesh", "dp=2,ep=3", "--batch-size", "6", "--data", tokens, "--out", str(tmp_path / "r")],
          "--mesh: ep=3 must divide the 8 routed experts"),
-        (["train", "--batch-size", "12", "--data", tokens], "--batch-size 12 must be a multiple of the 8 devices"),
+        (["train", "--batch-size", "12", "--data", tokens],
+         "--batch-size 12 must be a multiple of --microbatches 4 x the 4 devices of dp x ep (pp=2)"),
+        (["train", "--mesh", "dp=2,ep=4", "--batch-size", "12", "--data", tokens],
+         "--batch-size 12 must be a multiple of the 8 devices"),
+        (["train", "--mesh", "pp=2,ep=4", "--microbatches", "2", "--data", tokens, "--out", str(tmp_path / "r2")],
+         "num_microbatches must be even and >= 2*pp = 4, got 2"),
         (["train", "--data", str(tmp_path / "missing")], "--data: no token dataset in"),
         (["prepare", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist"),
         (["prepare", "--out", tokens], "already holds a token dataset"),
@@ -125,10 +130,12 @@ def test_end_to_end_console_script(tmp_path):
 
     out = run("prepare", "--input", str(corpus), "--out", "tok")
     assert "byte tokens from" in out and (tmp_path / "tok" / "meta.json").exists()
-    out = run("train", "--data", "tok", "--out", "run", "--steps", "3", "--batch-size", "8", "--seq-len", "32",
+    out = run("train", "--data", "tok", "--out", "run", "--steps", "3", "--batch-size", "16", "--seq-len", "32",
               "--log-every", "1", "--rebalance-every", "100")
     assert "step     3/3" in out and "done: loss" in out, out
-    assert (tmp_path / "run" / "loss.png").exists()
+    assert "dualpipe schedule with 4 micro-batches" in out, out
+    for png in ("loss.png", "pipeline_schedule.png"):
+        assert (tmp_path / "run" / png).stat().st_size > 0, png
     assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "run.json").exists()
     out = run("generate", "--ckpt", "run", "--prompt", "def ", "--prompt", "import os\n", "--max-new-tokens", "8")
     assert out.count("=== ") == 2 and "=== 'def '" in out and "=== 'import os\\n'" in out, out

@@ -29,9 +29,10 @@ def tokens(tmp_path_factory) -> str:
 
 
 def _cfg(tokens: str, out: str, steps: int, resume: bool = False) -> loop.TrainConfig:
-    return loop.TrainConfig(data=tokens, out=out, steps=steps, batch_size=8, seq_len=32, log_every=1,
+    # the default mesh pp=2 x ep=4 with DualPipe: 4 micro-batches of 4 rows, 1 MoE layer per stage
+    return loop.TrainConfig(data=tokens, out=out, steps=steps, batch_size=16, seq_len=32, log_every=1,
                             ckpt_every=100, rebalance_every=2, resume=resume, implementation="cpu",
-                            model_overrides={"n_layers": 2})
+                            model_overrides={"n_layers": 3})
 
 
 def test_resume_gives_identical_losses(tokens, tmp_path):
@@ -40,8 +41,8 @@ def test_resume_gives_identical_losses(tokens, tmp_path):
     part = loop.train(_cfg(tokens, str(tmp_path / "b"), 3), log=logs.append)
     assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path / "b"))] == [3]
     changed = _cfg(tokens, str(tmp_path / "b"), 6, resume=True)
-    changed.batch_size = 16
-    with pytest.raises(UsageError, match=r"--resume: the run was started with batch_size=8 \(now 16\)"):
+    changed.batch_size = 32
+    with pytest.raises(UsageError, match=r"--resume: the run was started with batch_size=16 \(now 32\)"):
         loop.train(changed)
     resumed = loop.train(_cfg(tokens, str(tmp_path / "b"), 6, resume=True), log=logs.append)
     assert part["loss"] == full["loss"][:3]

@@ -3,7 +3,9 @@
 Rows per shape: ``reference`` is the step with dense routed experts on one device (every expert
 on every token, masked: the simplest exact MoE); ``ep-<impl>`` is the ``dsjax train`` step, with
 the routed experts under ``shard_map`` through DeepEP dispatch/combine (``<impl>`` kernels) on a
-(dp, ep) mesh over the devices JAX has. On CPU set
+(dp, ep) mesh over the devices JAX has; ``pp-dualpipe-<impl>`` is the default ``dsjax train`` step
+on 8 or more devices: mesh pp=2 x ep=4, the MoE layers as two DualPipe stages with 4
+micro-batches (:mod:`dsjax.train.pipeline`). On CPU set
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` for the 2x4 mesh of the default run (with
 one device the EP rows run on a 1x1 mesh). Extra columns: tokens/s, the mesh and, on a GPU, model
 FLOPs utilisation against the H200's dense bf16 peak (989 TFLOP/s): flops are 6·N_active per
@@ -42,7 +44,7 @@ def _step_records(batch: int, seq: int) -> list[Record]:
     from dsjax.nn.config import DeepSeekV3Config
     from dsjax.nn.ep import use_expert_parallelism
     from dsjax.nn.model import DeepSeekV3
-    from dsjax.train.loop import _optimizer_for, _train_step
+    from dsjax.train.loop import _optimizer_for, _pipeline, _pipeline_step, _train_step
 
     cfg = DeepSeekV3Config.tiny(vocab_size=257)
     shape = f"tiny b{batch}x{seq}"
@@ -51,9 +53,19 @@ def _step_records(batch: int, seq: int) -> list[Record]:
     gpu = jax.default_backend() == "gpu"
     out = []
     variants = [("reference", None)] + [(f"ep-{i}", i) for i in implementations()]
+    if len(jax.devices()) >= 8 and batch % 16 == 0:
+        variants.append((f"pp-dualpipe-{implementations()[-1]}", "pp"))
     for name, impl in variants:
         model = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
-        if impl is None:
+        step = _train_step()
+        if impl == "pp":
+            pmesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4), ("pp", "dp", "ep"))
+            pipe = _pipeline(pmesh, cfg, "dualpipe", 4, implementations()[-1])
+            pipe.prepare(model)
+            step = _pipeline_step(pipe)
+            tok = jax.device_put(tokens, NamedSharding(pmesh, P(("dp", "ep"))))
+            where = "pp=2 x ep=4, dualpipe, 4 micro-batches"
+        elif impl is None:
             tok = jax.device_put(tokens, jax.devices()[0])
             where = "1 device"
         else:
@@ -61,7 +73,6 @@ def _step_records(batch: int, seq: int) -> list[Record]:
             tok = jax.device_put(tokens, NamedSharding(mesh, P(("dp", "ep"))))
             where = f"dp={mesh.shape['dp']} x ep={mesh.shape['ep']}"
         opt = nnx.Optimizer(model, _optimizer_for(3e-3, 10, 0.01, 1.0), wrt=nnx.Param)
-        step = _train_step()
         t = time_fn(lambda: step(model, opt, tok)[0].total, warmup=2, repeats=5)
         flops = 6.0 * _active_params(model, cfg) * batch * seq
         extra = {"tokens_per_s": round(batch * seq / t), "mesh": where}

@@ -4,11 +4,13 @@
   outputs as https://github.com/deepseek-ai/EPLB, optional local-search refinement.
 - :func:`balance_stats`: max / mean GPU load and imbalance of a placement.
 - :class:`ExpertLoadTracker` (+ :class:`ExpertLoad` NNX variable), :func:`replica_route`,
-  :func:`relayout_expert_weights`: the pieces a training or serving loop needs around it.
+  :func:`relayout_expert_weights`, :func:`tie_replica_grads`, :func:`round_robin_placement`: the
+  pieces a training or serving loop needs around it.
 """
 
 from dsjax.eplb.online import (BalanceStats, ExpertLoad, ExpertLoadTracker, balance_stats,
-                               count_experts, relayout_expert_weights, replica_route)
+                               count_experts, relayout_expert_weights, replica_route,
+                               round_robin_placement, tie_replica_grads)
 from dsjax.eplb.solver import EplbResult, max_replicas_bound, rebalance_experts
 
 __all__ = [
@@ -22,4 +24,6 @@ __all__ = [
     "rebalance_experts",
     "relayout_expert_weights",
     "replica_route",
+    "round_robin_placement",
+    "tie_replica_grads",
 ]

@@ -291,6 +291,72 @@ def relayout_expert_weights(weights: Any, old_phy2log: jax.Array, new_phy2log: j
     return jax.tree_util.tree_map(move, weights)
 
 
+def round_robin_placement(num_experts: int, num_replicas: int
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A load-agnostic starting placement of one layer: slot ``s`` holds expert ``s % E``.
+
+    Experts ``0 .. R - E - 1`` get a second replica (more when ``R >= 2E``); with slots split
+    evenly over ranks, replicas of one expert land on different ranks whenever ``E`` is at least
+    the slots per rank. ``log2phy`` is padded to ``R - E + 1`` columns, the width
+    :func:`~dsjax.eplb.rebalance_experts` returns by default, so later placements have the same
+    shapes.
+
+    Args:
+        num_experts: E >= 1.
+        num_replicas: R >= E, the number of physical slots.
+
+    Returns:
+        ``(phy2log int32 [R], log2phy int32 [E, R - E + 1] padded with -1, logcnt int32 [E])``.
+    """
+    for name, v in (("num_experts", num_experts), ("num_replicas", num_replicas)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"round_robin_placement: {name} must be an int >= 1, got {v!r}")
+    if num_replicas < num_experts:
+        raise ValueError(f"round_robin_placement: num_replicas must be >= num_experts "
+                         f"({num_experts}), got {num_replicas}")
+    phy2log = np.arange(num_replicas) % num_experts
+    logcnt = np.bincount(phy2log, minlength=num_experts)
+    log2phy = np.full((num_experts, num_replicas - num_experts + 1), -1, np.int32)
+    for e in range(num_experts):
+        slots = np.flatnonzero(phy2log == e)
+        log2phy[e, :slots.size] = slots
+    return (jnp.asarray(phy2log, jnp.int32), jnp.asarray(log2phy), jnp.asarray(logcnt, jnp.int32))
+
+
+def tie_replica_grads(grads: Any, phy2log: jax.Array) -> Any:
+    """Gradients that keep the replicas of every logical expert identical.
+
+    A logical expert stored in several physical slots is one parameter used several times, so
+    its gradient is the sum of its replicas' gradients; every replica gets that sum. Replicas that
+    start equal and get equal gradients stay equal under any elementwise-deterministic optimizer
+    (AdamW), and each replica follows exactly the update the un-replicated expert would get (up
+    to float32 summation order). Jit-compatible (``phy2log`` may be traced).
+
+    Args:
+        grads: a pytree of arrays whose leading axis is the slot axis, ``[R, ...]`` each.
+        phy2log: int32 ``[R]``, the logical expert of every slot.
+
+    Returns:
+        A pytree like ``grads``: slot ``s`` holds ``Σ_{s': phy2log[s'] = phy2log[s]} grads[s']``.
+    """
+    op = "tie_replica_grads"
+    checks.check_rank("phy2log", phy2log, op=op, exact=1, layout="[replicas]")
+    _check_int_dtype("phy2log", phy2log, op=op)
+    num = phy2log.shape[0]
+    for x in jax.tree_util.tree_leaves(grads):
+        if x.ndim < 1 or x.shape[0] != num:
+            raise ValueError(f"{op}: every gradient must have leading axis {num} (slots), got "
+                             f"shape {tuple(x.shape)}")
+    ids = phy2log.astype(jnp.int32)
+
+    def tie(g: jax.Array) -> jax.Array:
+        # Logical ids are < R, so R segments always suffice without knowing E.
+        total = jax.ops.segment_sum(g.astype(jnp.float32), ids, num_segments=num)
+        return total[ids].astype(g.dtype)
+
+    return jax.tree_util.tree_map(tie, grads)
+
+
 class BalanceStats(NamedTuple):
     """Per-layer GPU load statistics (float32 [L] each).
 

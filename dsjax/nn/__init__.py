@@ -12,7 +12,7 @@ from dsjax.nn.fp8 import Fp8GroupedLinear, Fp8Linear
 from dsjax.nn.layers import MLP, RMSNorm
 from dsjax.nn.mla import MLA
 from dsjax.nn.model import DeepSeekV3, DeepSeekV3Block, MTPHead, lm_loss, update_expert_biases
-from dsjax.nn.moe import DeepSeekMoE
+from dsjax.nn.moe import DeepSeekMoE, tie_expert_replica_grads
 
 __all__ = [
     "DeepSeekMoE",
@@ -26,5 +26,6 @@ __all__ = [
     "MTPHead",
     "RMSNorm",
     "lm_loss",
+    "tie_expert_replica_grads",
     "update_expert_biases",
 ]

@@ -20,7 +20,9 @@ class DeepSeekV3Config:
     Attributes follow DeepSeek-V3's ``ModelArgs``; additions: ``bias_update_speed`` (γ of the
     auxiliary-loss-free balancing), ``seq_aux_alpha`` (weight of the sequence-wise balance loss,
     0 disables it), ``mtp_depth`` / ``mtp_loss_weight`` (multi-token prediction), ``dtype`` of the
-    activations and ``use_fp8`` (linears and experts as FP8 GEMMs).
+    activations, ``use_fp8`` (linears and experts as FP8 GEMMs) and ``n_redundant_experts``
+    (EPLB: the routed experts are stored in ``n_routed_experts + n_redundant_experts`` physical
+    slots, hot experts replicated; 0 keeps one slot per expert, no placement state).
     """
 
     vocab_size: int = 129280
@@ -56,6 +58,7 @@ class DeepSeekV3Config:
     mtp_loss_weight: float = 0.3
     dtype: str = "bfloat16"
     use_fp8: bool = True
+    n_redundant_experts: int = 0
 
     def __post_init__(self) -> None:
         errors = []
@@ -77,12 +80,19 @@ class DeepSeekV3Config:
             errors.append(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if not 0 <= self.n_dense_layers <= self.n_layers:
             errors.append(f"n_dense_layers must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
+        if not isinstance(self.n_redundant_experts, int) or self.n_redundant_experts < 0:
+            errors.append(f"n_redundant_experts must be an int >= 0, got {self.n_redundant_experts!r}")
         if errors:
             raise ValueError("DeepSeekV3Config: " + "; ".join(errors))
 
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_physical_experts(self) -> int:
+        """Physical routed-expert slots: ``n_routed_experts + n_redundant_experts``."""
+        return self.n_routed_experts + self.n_redundant_experts
 
     @property
     def softmax_scale(self) -> float:
@@ -104,7 +114,7 @@ class DeepSeekV3Config:
         """A CPU-sized model with every feature of the full one (MLA with both LoRAs and RoPE,
         dense then MoE layers, grouped sigmoid routing, shared expert, MTP)."""
         base = cls(
-            vocab_size=256, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=4, n_dense_layers=1,
+            vocab_size=256, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=3, n_dense_layers=1,
             n_heads=4, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
             n_expert_groups=4, n_limited_groups=2, q_lora_rank=64,
             # FlashMLA's cache row is 512 latent + 64 RoPE channels; the tiny model keeps that width

@@ -12,6 +12,10 @@ Dispatch and combine are each other's transpose, so gradients of the tokens, the
 for the worst case (every token of every EP rank on one rank), so no token can be dropped (DeepEP's
 ``num_worst_tokens`` mode at its bound): the result equals the dense computation.
 
+The per-rank body is the public :func:`ep_local_experts`, for callers that are already inside
+a ``shard_map`` (a pipeline stage); :func:`ep_routed_fn` wraps it in one. With redundant experts
+(EPLB) the "experts" here are the physical slots: DeepSeekMoE maps logical ids to slots before.
+
 With ``fp8=True`` each rank runs its local experts with FP8 grouped GEMMs on the contiguous layout
 (:func:`dsjax.nn.moe.routed_experts_fp8`) over the rows it received; the layout's static row
 count is sized from the worst-case receive buffer, so again nothing is dropped.
@@ -33,6 +37,59 @@ from dsjax.nn.moe import routed_experts_dense, routed_experts_fp8
 _shard_map = getattr(jax, "shard_map", None)
 if _shard_map is None:  # pragma: no cover - older JAX
     from jax.experimental.shard_map import shard_map as _shard_map
+
+
+def ep_local_experts(xl: jax.Array, wl: jax.Array, il: jax.Array, w1l: jax.Array,
+                     w3l: jax.Array, w2l: jax.Array, *, num_experts: int, ep_axis: str,
+                     num_worst_tokens: int, implementation: str = "auto", fp8: bool = False,
+                     dp_axes: Sequence[str] = ()) -> jax.Array:
+    """The per-rank body of :func:`ep_routed_fn`: dispatch, local experts, combine.
+
+    Call it INSIDE a ``jax.shard_map`` (or any context where ``ep_axis`` is a bound mesh axis);
+    it opens no shard_map of its own, so a pipeline-parallel stage can call it directly. Rank
+    ``r`` of ``ep_axis`` holds experts (physical slots) ``[r·E/R, (r+1)·E/R)``.
+
+    Args:
+        xl: ``[t, D]`` this device's tokens (float32 or bfloat16).
+        wl: ``[t, K]`` gating weights (cast to float32).
+        il: int32 ``[t, K]`` expert ids in ``[0, num_experts)``; negative means "no expert".
+        w1l, w3l: ``[E/R, D, I]``; w2l: ``[E/R, I, D]``, this rank's experts, in xl's dtype.
+        num_experts: E, the global number of experts (slots); a multiple of R.
+        ep_axis: the expert-parallel mesh axis name (size R).
+        num_worst_tokens: static receive-buffer rows; ``R · t`` (every token of every EP rank on
+            this rank) guarantees nothing is dropped, which is what :func:`ep_routed_fn` uses.
+        implementation: DeepEP's local kernels (``"auto"`` | ``"cuda"`` | ``"cpu"`` | ``"reference"``).
+        fp8: FP8 grouped GEMMs (:func:`dsjax.nn.moe.routed_experts_fp8`) instead of the dense
+            float computation.
+        dp_axes: the other mesh axes the tokens are split over (data parallelism); with ``fp8``
+            the weights are marked varying over them so their gradient is summed over them.
+
+    Returns:
+        ``[t, D]`` in xl's dtype: Σ_k wl[:, k] · expert_{il[:, k]}(xl) for this device's tokens.
+    """
+    ranks = jax.lax.axis_size(ep_axis)
+    if num_experts % ranks or w1l.shape[0] != num_experts // ranks:
+        raise ValueError(f"ep_local_experts: num_experts ({num_experts}) must be a multiple of the "
+                         f"EP size {ranks} (axis {ep_axis!r}) and each rank must hold "
+                         f"num_experts / {ranks} experts; got w1l with {w1l.shape[0]}")
+    recv_x, recv_idx, recv_w, _, handle = deep_ep.dispatch(
+        xl, il, wl.astype(jnp.float32), num_experts=num_experts, axis_name=ep_axis,
+        num_worst_tokens=num_worst_tokens, implementation=implementation)
+    # Ids of other ranks' experts (and padding rows) are -1 with weight 0. The explicit mask
+    # matters for the gradient: dispatch's backward sums the weight cotangents of all copies of a
+    # token, so entries of experts held elsewhere must get a zero cotangent (with the clamped id
+    # they would otherwise receive expert 0's output).
+    live = recv_idx >= 0
+    if fp8:  # -1 ids are dropped by the contiguous layout, with zero weight cotangents
+        # The FP8 GEMMs are a custom_vjp: their weight cotangent varies like the tokens (over
+        # every token axis), so the weights must enter varying the same way; the transpose of
+        # that cast is the psum of the weight gradients over data parallelism.
+        w1l, w3l, w2l = (vary_over(w, tuple(dp_axes)) for w in (w1l, w3l, w2l))
+        y = routed_experts_fp8(recv_x, recv_w, recv_idx, w1l, w3l, w2l)
+    else:
+        y = routed_experts_dense(recv_x, jnp.where(live, recv_w, 0.0),
+                                 jnp.where(live, recv_idx, 0), w1l, w3l, w2l)
+    return deep_ep.combine(y, handle, implementation=implementation)
 
 
 @functools.cache
@@ -87,26 +144,9 @@ def ep_routed_fn(mesh: Mesh, *, ep_axis: str = "ep", token_axes: Sequence[str] |
         # Worst case: every token of every EP rank lands on this rank; nothing can be dropped.
         worst = ranks * (t // shards)
 
-        def local(xl, wl, il, w1l, w3l, w2l):
-            recv_x, recv_idx, recv_w, _, handle = deep_ep.dispatch(
-                xl, il, wl.astype(jnp.float32), num_experts=e, axis_name=ep_axis,
-                num_worst_tokens=worst, implementation=implementation)
-            # Ids of other ranks' experts (and padding rows) are -1 with weight 0. The explicit
-            # mask matters for the gradient: dispatch's backward sums the weight cotangents of all
-            # copies of a token, so entries of experts held elsewhere must get a zero cotangent
-            # (with the clamped id they would otherwise receive expert 0's output).
-            live = recv_idx >= 0
-            if fp8:  # -1 ids are dropped by the contiguous layout, with zero weight cotangents
-                # The FP8 GEMMs are a custom_vjp: their weight cotangent varies like the tokens
-                # (over every token axis), so the weights must enter varying the same way; the
-                # transpose of that cast is the psum of the weight gradients over data parallelism.
-                w1l, w3l, w2l = (vary_over(w, dp_axes) for w in (w1l, w3l, w2l))
-                y = routed_experts_fp8(recv_x, recv_w, recv_idx, w1l, w3l, w2l)
-            else:
-                y = routed_experts_dense(recv_x, jnp.where(live, recv_w, 0.0),
-                                         jnp.where(live, recv_idx, 0), w1l, w3l, w2l)
-            return deep_ep.combine(y, handle, implementation=implementation)
-
+        local = functools.partial(ep_local_experts, num_experts=e, ep_axis=ep_axis,
+                                  num_worst_tokens=worst, implementation=implementation, fp8=fp8,
+                                  dp_axes=dp_axes)
         sm = _shard_map(local, mesh=mesh,
                         in_specs=(tok_spec, tok_spec, tok_spec, exp_spec, exp_spec, exp_spec),
                         out_specs=tok_spec)

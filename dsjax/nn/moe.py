@@ -9,6 +9,16 @@ expert-parallel path (DeepEP dispatch/combine under shard_map, :mod:`dsjax.nn.ep
 ``routed_fn`` and runs either of the two on the rows each rank receives.
 The load-balancing bias and the observed expert load are NNX variables that are not parameters:
 the optimizer never sees them, and ``apply_bias_update`` changes the bias between steps.
+
+With ``cfg.n_redundant_experts > 0`` the layer follows DeepSeek-V3's deployment with EPLB
+(report §3.4, https://github.com/deepseek-ai/EPLB): the routed weights live in
+``P = E + n_redundant_experts`` *physical* slots, hot experts replicated, and the placement
+(``phy2log [P]``, ``log2phy [E, P - E + 1]``, ``logcnt [E]``) is non-trainable state. Routing,
+the bias and the load stay per *logical* expert (what EPLB balances); the chosen logical ids are
+then mapped to physical slots by :func:`dsjax.eplb.replica_route`, which spreads each expert's
+tokens evenly and deterministically over its replicas, and the routed experts (dense, FP8 or EP)
+run on the P slots unchanged. Replicas are kept identical by :func:`tie_expert_replica_grads`
+(applied to the gradients before the optimizer); :mod:`dsjax.train.rebalance` re-places them.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.deep_gemm import fp8_grouped_linear, get_m_alignment_for_contiguous_layout
+from dsjax.eplb import replica_route, round_robin_placement, tie_replica_grads
 from dsjax.nn import router
 from dsjax.nn.config import DeepSeekV3Config
 from dsjax.nn.layers import MLP, linear_factory
@@ -36,6 +47,11 @@ class ExpertLoad(nnx.Variable):
 
 class AuxLoss(nnx.Variable):
     """Sequence-wise balance loss of the last forward pass (scalar)."""
+
+
+class ExpertPlacement(nnx.Variable):
+    """EPLB placement of the routed experts on physical slots (int32; changed by rebalancing,
+    never by gradients)."""
 
 
 def routed_experts_dense(x: jax.Array, weights: jax.Array, indices: jax.Array, w1: jax.Array,
@@ -123,6 +139,11 @@ def routed_experts_fp8(x: jax.Array, weights: jax.Array, indices: jax.Array, w1:
 class DeepSeekMoE(nnx.Module):
     """Shared experts + routed experts with DeepSeek-V3 routing.
 
+    Routed weights ``w1``/``w3`` ``[P, D, I]`` and ``w2`` ``[P, I, D]`` with ``P =
+    cfg.n_physical_experts`` (= E without redundant experts); with redundant experts the
+    placement variables ``phy2log``, ``log2phy``, ``logcnt`` (:class:`ExpertPlacement`) start as
+    :func:`dsjax.eplb.round_robin_placement` and are None otherwise.
+
     Args:
         cfg: model configuration (experts, groups, routing scale, balance settings).
         rngs: parameter initialization.
@@ -137,9 +158,22 @@ class DeepSeekMoE(nnx.Module):
         e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         init = nnx.initializers.lecun_normal()
         self.gate = nnx.Param(init(rngs.params(), (d, e), jnp.float32))
-        self.w1 = nnx.Param(init(rngs.params(), (e, d, i), jnp.float32))
-        self.w3 = nnx.Param(init(rngs.params(), (e, d, i), jnp.float32))
-        self.w2 = nnx.Param(init(rngs.params(), (e, i, d), jnp.float32))
+        w1 = init(rngs.params(), (e, d, i), jnp.float32)
+        w3 = init(rngs.params(), (e, d, i), jnp.float32)
+        w2 = init(rngs.params(), (e, i, d), jnp.float32)
+        if cfg.n_redundant_experts:
+            # The logical experts are drawn exactly as without redundancy, then copied into their
+            # slots: the layer computes the same function as the un-replicated one.
+            phy2log, log2phy, logcnt = round_robin_placement(e, cfg.n_physical_experts)
+            w1, w3, w2 = w1[phy2log], w3[phy2log], w2[phy2log]
+            self.phy2log = ExpertPlacement(phy2log)
+            self.log2phy = ExpertPlacement(log2phy)
+            self.logcnt = ExpertPlacement(logcnt)
+        else:
+            self.phy2log = self.log2phy = self.logcnt = None
+        self.w1 = nnx.Param(w1)
+        self.w3 = nnx.Param(w3)
+        self.w2 = nnx.Param(w2)
         self.bias = ExpertBias(jnp.zeros((e,), jnp.float32))
         self.load = ExpertLoad(jnp.zeros((e,), jnp.int32))
         self.aux_loss = AuxLoss(jnp.zeros((), jnp.float32))
@@ -161,7 +195,10 @@ class DeepSeekMoE(nnx.Module):
         if cfg.seq_aux_alpha > 0:
             self.aux_loss[...] = router.sequence_balance_loss(
                 r.scores.reshape(b, s, -1), r.indices.reshape(b, s, -1), alpha=cfg.seq_aux_alpha)
-        y = self.routed_fn(flat, r.weights, r.indices, self.w1[...].astype(x.dtype),
+        slots = r.indices
+        if self.phy2log is not None:
+            slots = replica_route(r.indices, self.log2phy[...], self.logcnt[...])
+        y = self.routed_fn(flat, r.weights, slots, self.w1[...].astype(x.dtype),
                            self.w3[...].astype(x.dtype), self.w2[...].astype(x.dtype))
         y = y.reshape(b, s, d)
         if self.shared is not None:
@@ -171,3 +208,62 @@ class DeepSeekMoE(nnx.Module):
     def apply_bias_update(self) -> None:
         """Moves the selection bias towards balance from the load of the last forward pass."""
         self.bias[...] = router.update_bias(self.bias[...], self.load[...], self.cfg.bias_update_speed)
+
+
+def moe_layers(model: nnx.Module) -> list[tuple[tuple, "DeepSeekMoE"]]:
+    """``(path, layer)`` of every :class:`DeepSeekMoE` of ``model`` in graph order (the order of
+    the loop's load tracker), ``path`` being the tuple of attribute names / list indices."""
+    return [(tuple(path), node) for path, node in nnx.iter_graph(model)
+            if isinstance(node, DeepSeekMoE)]
+
+
+ROUTED_WEIGHTS = ("w1", "w3", "w2")
+
+
+def key_path(path: tuple) -> tuple:
+    """A ``jax.tree_util`` key path as plain keys (``.value`` of NNX variables dropped), so it
+    compares with the paths of :func:`moe_layers`."""
+    keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    return keys[:-1] if keys and keys[-1] == "value" else keys
+
+
+def routed_weight_owner(path: tuple, layers: list[tuple[tuple, "DeepSeekMoE"]]) -> int | None:
+    """Index into ``layers`` of the MoE layer whose routed weight (or its optimizer moment) sits
+    at state path ``path`` (plain keys), or None. An optimizer moment's path ends with the
+    parameter's path, so the longest matching layer path wins."""
+    if not path or path[-1] not in ROUTED_WEIGHTS:
+        return None
+    best, best_len = None, -1
+    for i, (p, _) in enumerate(layers):
+        n = len(p)
+        if len(path) >= n + 1 and tuple(path[-n - 1:-1]) == p and n > best_len:
+            best, best_len = i, n
+    return best
+
+
+def tie_expert_replica_grads(model: nnx.Module, grads: nnx.State) -> nnx.State:
+    """Applies :func:`dsjax.eplb.tie_replica_grads` to the routed-weight gradients of every MoE
+    layer with redundant experts (a no-op, returning ``grads``, when there is none).
+
+    Call it inside the training step between ``nnx.value_and_grad`` and ``opt.update``: the
+    replicas of each logical expert then receive the same (summed) gradient and stay identical.
+
+    Args:
+        model: the model the gradients were taken of.
+        grads: the gradient state (``nnx.State`` of the model's parameters, as returned by
+            ``nnx.grad``).
+
+    Returns:
+        The gradient state with tied routed-weight gradients.
+    """
+    layers = moe_layers(model)
+    if not any(m.phy2log is not None for _, m in layers):
+        return grads
+
+    def tie(path, g):
+        i = routed_weight_owner(key_path(path), layers)
+        if i is None or layers[i][1].phy2log is None:
+            return g
+        return tie_replica_grads(g, layers[i][1].phy2log[...])
+
+    return jax.tree_util.tree_map_with_path(tie, grads)

@@ -1,12 +1,17 @@
-"""``dsjax train``: a DeepSeek-V3-style model trained with expert parallelism on a (dp, ep) mesh.
+"""``dsjax train``: a DeepSeek-V3-style model trained on a (pp, dp, ep) mesh: DualPipe pipeline
+parallelism, expert parallelism through DeepEP, data parallelism.
 
 One step (DeepSeek-V3 technical report, arXiv:2412.19437, §2.1-2.2 and §3.2):
 
 * a batch of token windows from :class:`dsjax.io.TokenDataset` (FFRecord shards read through the
   batched reader, served by a grain ``MapDataset`` indexed by step, so a resumed run reads exactly
   the batches the uninterrupted one would);
-* forward with MLA, DeepSeekMoE whose routed experts run under ``jax.shard_map`` through DeepEP
-  dispatch/combine over the ``ep`` axis (:mod:`dsjax.nn.ep`), and the depth-1 MTP loss;
+* with ``pp > 1`` (the default mesh is pp=2 x ep=4), the MoE layers are pipeline stages run by a
+  DualPipe schedule over the ``pp`` axis (:mod:`dsjax.train.pipeline`), the embedding and dense
+  layers before them and the head and MTP loss after them; with ``pp = 1`` the whole model runs
+  data-parallel;
+* forward with MLA, DeepSeekMoE whose routed experts run through DeepEP dispatch/combine over the
+  ``ep`` axis (:mod:`dsjax.nn.ep`), and the depth-1 MTP loss;
 * with ``fp8`` (the default; ``--no-fp8`` turns it off), DeepSeek-V3's FP8 mixed precision
   (§3.3): the linears of MLA, the dense MLP, the shared experts and the routed experts (FP8
   grouped GEMMs on each EP rank) run Fprop, Dgrad and Wgrad in FP8 with fine-grained scales,
@@ -14,10 +19,15 @@ One step (DeepSeek-V3 technical report, arXiv:2412.19437, §2.1-2.2 and §3.2):
   master weights and the optimizer state;
 * AdamW (optax, warmup then constant learning rate, global-norm clipping);
 * the auxiliary-loss-free bias update of every MoE layer from the step's observed expert load;
-* EPLB: the load goes into a sliding-window :class:`dsjax.eplb.ExpertLoadTracker`; every
-  ``rebalance_every`` steps :func:`dsjax.eplb.rebalance_experts` places ``E + ep`` replicas and the
-  run reports the EP-rank imbalance before and after. The placement is reported, not applied to
-  the expert weights yet (replica routing in the EP layer is future work).
+* EPLB (DeepSeek-V3 report §3.4): every MoE layer stores its routed experts in ``E +
+  redundant_experts`` physical slots (default: one extra slot per EP rank), tokens are routed to
+  the replicas of their logical expert (:func:`dsjax.eplb.replica_route`), and the replicas'
+  gradients are tied so they stay identical. The logical load goes into a sliding-window
+  :class:`dsjax.eplb.ExpertLoadTracker`; every ``rebalance_every`` steps
+  :func:`dsjax.train.rebalance.rebalance_model` re-solves the placement with
+  :func:`dsjax.eplb.rebalance_experts`, moves the expert weights and their AdamW moments to their
+  new slots (collective permutes over ``ep``) and reports the EP-rank imbalance before and after.
+  With ``redundant_experts=0`` the placement is only reported.
 
 Checkpoints (orbax) hold the model, optimizer and tracker state; the step function, data order and
 shardings do not depend on where a run started, so ``--resume`` reproduces the uninterrupted
@@ -52,11 +62,14 @@ class TrainConfig:
     warmup: int = 10
     weight_decay: float = 0.01
     clip: float = 1.0
-    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"dp": 2, "ep": 4})
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"pp": 2, "dp": 1, "ep": 4})
+    schedule: str = "dualpipe"
+    microbatches: int = 4
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 50
     rebalance_every: int = 25
+    redundant_experts: int | None = None  # EPLB's extra expert slots; None: one per EP rank
     resume: bool = False
     implementation: str = "auto"
     fp8: bool = True
@@ -74,23 +87,30 @@ def model_config(preset: str, vocab_size: int, seq_len: int, **overrides: Any):
 
 
 def _check(cfg: TrainConfig) -> None:
-    for name in ("steps", "batch_size", "seq_len", "warmup", "log_every", "ckpt_every", "rebalance_every"):
+    for name in ("steps", "batch_size", "seq_len", "warmup", "log_every", "ckpt_every", "rebalance_every",
+                 "microbatches"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+    red = cfg.redundant_experts
+    if red is not None and (not isinstance(red, int) or isinstance(red, bool) or red < 0):
+        raise UsageError(f"--redundant-experts: expected an integer >= 0, got {red!r}")
     shards = cfg.mesh["dp"] * cfg.mesh["ep"]
     if cfg.batch_size % shards:
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {shards} devices "
                          f"of the mesh (dp={cfg.mesh['dp']} x ep={cfg.mesh['ep']})")
+    if cfg.mesh.get("pp", 1) > 1 and cfg.batch_size % (shards * cfg.microbatches):
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of --microbatches "
+                         f"{cfg.microbatches} x the {shards} devices of dp x ep (pp={cfg.mesh['pp']})")
 
 
 # Options that change the steps already taken; a resumed run must keep them.
 _RESUME_FIXED = ("preset", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "clip", "mesh", "seed",
-                 "fp8", "model_overrides")
+                 "fp8", "model_overrides", "schedule", "microbatches", "redundant_experts")
 
 
 # What a run saved before an option existed ran with.
-_BEFORE_OPTION = {"fp8": False}
+_BEFORE_OPTION = {"fp8": False, "schedule": "dualpipe", "microbatches": 4, "redundant_experts": 0}
 
 
 def _check_resume(cfg: TrainConfig, conf_path: str) -> None:
@@ -177,6 +197,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     from dsjax.nn.layers import shard_fp8_linears  # pylint: disable=import-outside-toplevel
     from dsjax.nn.model import DeepSeekV3  # pylint: disable=import-outside-toplevel
     from dsjax.train.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+    from dsjax.train.rebalance import placement, rebalance_model  # pylint: disable=import-outside-toplevel
 
     if not os.path.exists(os.path.join(cfg.data, "meta.json")):
         raise UsageError(f"--data: no token dataset in {cfg.data} (run: dsjax prepare --out {cfg.data})")
@@ -201,11 +222,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         raise UsageError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(cfg.out)}")
 
     mesh = make_mesh(cfg.mesh)
+    red = cfg.mesh["ep"] if cfg.redundant_experts is None else cfg.redundant_experts
     mcfg = model_config(cfg.preset, int(tokens.meta["vocab_size"]), cfg.seq_len,
-                        **{"use_fp8": cfg.fp8, **cfg.model_overrides})
-    if mcfg.n_routed_experts % cfg.mesh["ep"]:
+                        **{"use_fp8": cfg.fp8, "n_redundant_experts": red, **cfg.model_overrides})
+    if mcfg.n_routed_experts % cfg.mesh["ep"] or mcfg.n_physical_experts % cfg.mesh["ep"]:
         raise UsageError(f"--mesh: ep={cfg.mesh['ep']} must divide the {mcfg.n_routed_experts} routed "
-                         f"experts of the {cfg.preset} preset")
+                         f"experts of the {cfg.preset} preset and their {mcfg.n_physical_experts} "
+                         f"slots (--redundant-experts {mcfg.n_redundant_experts})")
     conf_path = os.path.join(cfg.out, "config.json")
     if cfg.resume:
         _check_resume(cfg, conf_path)
@@ -214,9 +237,19 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         json.dump({"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(cfg)}, f, indent=1)
 
     model = DeepSeekV3(mcfg, rngs=nnx.Rngs(cfg.seed))
-    n_moe = use_expert_parallelism(model, mesh, ep_axis="ep", implementation=cfg.implementation)
-    # FP8 linears are custom calls that jit would otherwise run on the whole batch on every device.
-    shard_fp8_linears(model, mesh, ("dp", "ep"))
+    pipe = None
+    if cfg.mesh.get("pp", 1) > 1:
+        try:
+            pipe = _pipeline(mesh, mcfg, cfg.schedule, cfg.microbatches, cfg.implementation)
+        except ValueError as e:  # schedule constraints, layers that do not split into stages
+            raise UsageError(f"--mesh pp={cfg.mesh['pp']} --schedule {cfg.schedule} --microbatches "
+                             f"{cfg.microbatches}: {e}") from None
+        pipe.prepare(model)
+        n_moe = len(_moe_layers(model))
+    else:
+        n_moe = use_expert_parallelism(model, mesh, ep_axis="ep", implementation=cfg.implementation)
+        # FP8 linears are custom calls that jit would otherwise run on the whole batch on every device.
+        shard_fp8_linears(model, mesh, ("dp", "ep"))
     opt = nnx.Optimizer(model, _optimizer(cfg), wrt=nnx.Param)
     # Every array gets the same explicit placement on fresh and resumed runs (restoring takes
     # these arrays as its target): the compiled step, hence every rounding, is then identical.
@@ -242,20 +275,26 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     gemms = "FP8" if mcfg.use_fp8 else mcfg.dtype
+    pp = cfg.mesh.get("pp", 1)
+    sched = (f", {cfg.schedule} schedule with {cfg.microbatches} micro-batches over {pipe.schedule.num_stages} "
+             f"stages of {pipe.per_stage} MoE layers" if pipe else "")
     log(f"training {cfg.preset} DeepSeek-V3 ({n_params / 1e6:.2f}M params, {n_moe} MoE layers x {n_experts} "
-        f"experts, {gemms} GEMMs) on mesh dp={cfg.mesh['dp']} x ep={ep_size} ({jax.devices()[0].platform}), "
-        f"batch {cfg.batch_size} x {cfg.seq_len} tokens, steps {start + 1}..{cfg.steps}")
+        f"experts, {gemms} GEMMs) on mesh pp={pp} x dp={cfg.mesh['dp']} x ep={ep_size} "
+        f"({jax.devices()[0].platform}){sched}, batch {cfg.batch_size} x {cfg.seq_len} tokens, "
+        f"steps {start + 1}..{cfg.steps}")
     tok_per_step = cfg.batch_size * cfg.seq_len
     n_timed, t_timed = 0, 0.0
+    # The placement the EP ranks compute with (None: one slot per expert, rank r holds [r·E/ep, ...)).
+    phy2log = placement(model) if mcfg.n_redundant_experts else None
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         batch = jax.make_array_from_process_local_data(batch_sharding, np.asarray(data[step - 1]))
-        parts, loads = _train_step()(model, opt, batch)
+        parts, loads = (_pipeline_step(pipe) if pipe else _train_step())(model, opt, batch)
         loss = float(parts.total)  # waits for the step
         if step > start + 1:  # a process's first step includes compilation
             n_timed, t_timed = n_timed + 1, t_timed + (time.perf_counter() - t0)
         tracker = tracker.add_counts(loads).advance()
-        stats = eplb.balance_stats(loads, None, ep_size)
+        stats = eplb.balance_stats(loads, phy2log, ep_size)
         history["step"].append(step)
         history["loss"].append(loss)
         history["lm"].append(float(parts.lm))
@@ -264,7 +303,12 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         if not np.isfinite(loss):
             raise FloatingPointError(f"train: loss became {loss} at step {step}")
         if step % cfg.rebalance_every == 0:
-            history["rebalances"].append(_rebalance(tracker, mcfg, ep_size, step, log))
+            if phy2log is None:
+                history["rebalances"].append(_rebalance(tracker, mcfg, ep_size, step, log))
+            else:
+                history["rebalances"].append(rebalance_model(
+                    model, opt, tracker.load(), ep_size=ep_size, step=step, window=tracker.window, log=log))
+                phy2log = placement(model)
         if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
             speed = f"{tok_per_step * n_timed / t_timed:8.0f} tok/s" if n_timed else "(+ compile)   "
             log(f"step {step:5d}/{cfg.steps}  loss {loss:.4f} (lm {history['lm'][-1]:.4f}, mtp "
@@ -280,6 +324,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     from dsjax.train import plots  # pylint: disable=import-outside-toplevel
     for p in plots.write_all(history, cfg.out):
         log(f"wrote {p}")
+    if pipe is not None:
+        log(f"wrote {plots.write_schedule(pipe.schedule, cfg.out)}")
     return history
 
 
@@ -290,6 +336,7 @@ def _train_step():
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from dsjax.nn.model import lm_loss, update_expert_biases  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.moe import tie_expert_replica_grads  # pylint: disable=import-outside-toplevel
 
     @nnx.jit
     def train_step(model, opt, batch):
@@ -299,10 +346,37 @@ def _train_step():
             parts = lm_loss(m, batch)
             return parts.total, parts
         (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        opt.update(model, grads)
+        # Replicas of a logical expert get its whole gradient, so they stay identical.
+        opt.update(model, tie_expert_replica_grads(model, grads))
         loads = jnp.stack([moe.load[...] for moe in _moe_layers(model)])
         update_expert_biases(model)
         return parts, loads
+
+    return train_step
+
+
+@functools.cache
+def _pipeline(mesh, mcfg, schedule: str, microbatches: int, implementation: str):
+    """The run's :class:`~dsjax.train.pipeline.Pipeline` (cached: runs in one process with the same
+    settings share its executor and hence the step's compilation)."""
+    from dsjax.train.pipeline import Pipeline  # pylint: disable=import-outside-toplevel
+    return Pipeline(mesh, mcfg, schedule=schedule, num_microbatches=microbatches, implementation=implementation)
+
+
+@functools.cache
+def _pipeline_step(pipe):
+    """The jitted pipeline-parallel step (same contract as :func:`_train_step`)."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.model import update_expert_biases  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.moe import tie_expert_replica_grads  # pylint: disable=import-outside-toplevel
+
+    @nnx.jit
+    def train_step(model, opt, batch):
+        parts, grads, stats = pipe.loss_and_grads(model, batch)
+        opt.update(model, tie_expert_replica_grads(model, grads))
+        pipe.set_loads(model, stats.loads)
+        update_expert_biases(model)
+        return parts, stats.loads
 
     return train_step
 

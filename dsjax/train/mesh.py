@@ -1,4 +1,4 @@
-"""Mesh shapes for the main job: ``"dp=2,ep=4"`` strings, and simulated CPU devices.
+"""Mesh shapes for the main job: ``"pp=2,ep=4"`` strings, and simulated CPU devices.
 
 The default run simulates 8 CPU devices (``--xla_force_host_platform_device_count``), which must
 be set before JAX initializes its backends; :func:`ensure_host_devices` does that when the user
@@ -11,12 +11,13 @@ import os
 
 from dsjax.train import UsageError
 
-AXES = ("dp", "ep")
+AXES = ("pp", "dp", "ep")
 _FLAG = "--xla_force_host_platform_device_count"
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """Parses ``"dp=2,ep=4"`` into ``{"dp": 2, "ep": 4}`` (axes in :data:`AXES` order).
+    """Parses ``"pp=2,ep=4"`` into ``{"pp": 2, "dp": 1, "ep": 4}`` (axes in :data:`AXES` order;
+    ``pp`` pipeline stages, ``dp`` data parallelism, ``ep`` expert parallelism; omitted axes are 1).
 
     Raises:
         UsageError: unknown axis, repeated axis, a size that is not a positive integer, or a
@@ -27,7 +28,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
         name, eq, value = part.strip().partition("=")
         name = name.strip()
         if not eq or not name:
-            raise UsageError(f"--mesh: expected entries like dp=2,ep=4, got {part.strip()!r} in {spec!r}")
+            raise UsageError(f"--mesh: expected entries like pp=2,dp=1,ep=4, got {part.strip()!r} in {spec!r}")
         if name not in AXES:
             raise UsageError(f"--mesh: unknown axis {name!r} (axes: {', '.join(AXES)}), in {spec!r}")
         if name in sizes:
@@ -53,7 +54,7 @@ def ensure_host_devices(n: int = 8) -> None:
 
 
 def make_mesh(sizes: dict[str, int]):
-    """A ``jax.sharding.Mesh`` with axes ``("dp", "ep")`` over the first dp·ep devices.
+    """A ``jax.sharding.Mesh`` with axes ``("pp", "dp", "ep")`` over the first pp·dp·ep devices.
 
     Raises:
         UsageError: the mesh needs more devices than JAX has.
@@ -61,11 +62,11 @@ def make_mesh(sizes: dict[str, int]):
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    shape = tuple(sizes[a] for a in AXES)
+    shape = tuple(sizes.get(a, 1) for a in AXES)
     need = int(np.prod(shape))
     devices = jax.devices()
     if need > len(devices):
-        raise UsageError(f"--mesh {','.join(f'{a}={sizes[a]}' for a in AXES)} needs {need} devices, "
+        raise UsageError(f"--mesh {','.join(f'{a}={sizes.get(a, 1)}' for a in AXES)} needs {need} devices, "
                          f"JAX has {len(devices)} ({devices[0].platform}); on CPU set XLA_FLAGS="
                          f"{_FLAG}={need}")
     return jax.sharding.Mesh(np.array(devices[:need]).reshape(shape), AXES)

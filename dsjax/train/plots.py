@@ -60,3 +60,12 @@ def write_all(history: dict[str, Any], out: str) -> list[str]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def write_schedule(schedule, out: str) -> str:
+    """Writes ``pipeline_schedule.png``: the run's pipeline schedule, one row per ``pp`` rank
+    (:func:`dsjax.dualpipe.plot_schedule`, op lengths from the simulator's defaults). Returns the path."""
+    from dsjax.dualpipe.plot import plot_schedule  # pylint: disable=import-outside-toplevel
+    path = os.path.join(out, "pipeline_schedule.png")
+    plot_schedule(schedule, path=path)
+    return path
