@@ -106,9 +106,10 @@ def test_absorbed_latent_attention_equals_naive_mla():
     naive = mla(x, pos)
     q_nope, q_pe = mla.queries(x, pos)
     lat = mla.latent(x, pos)  # [B, S, C + R]
-    q_lat = mla.absorbed(q_nope)  # [B, S, H, C]
-    c, k_pe = lat[..., :cfg.kv_lora_rank], lat[..., cfg.kv_lora_rank:]
-    scores = (jnp.einsum("bshc,btc->bhst", q_lat, c) + jnp.einsum("bshr,btr->bhst", q_pe, k_pe)) * cfg.softmax_scale
+    q = mla.absorbed_query(q_nope, q_pe)  # [B, S, H, C + R]: the FlashMLA query
+    # the latent part and the RoPE part of the query against the cache row's two parts
+    scores = jnp.einsum("bshc,btc->bhst", q, lat) * cfg.softmax_scale
+    c = lat[..., :cfg.kv_lora_rank]
     scores = jnp.where(jnp.tril(jnp.ones((s, s), bool)), scores, -jnp.inf)
     o_lat = jnp.einsum("bhst,btc->bshc", jax.nn.softmax(scores, -1), c)
     np.testing.assert_allclose(np.asarray(mla.output_from_latent(o_lat)), np.asarray(naive), rtol=2e-4, atol=2e-5)

@@ -5,7 +5,7 @@ Follows ``MLA`` in DeepSeek-V3's inference/model.py: queries through a low-rank 
 RMSNorm, ``wkv_b``) plus a decoupled RoPE key ``k_pe`` shared by all heads. The attention here is
 differentiable pure JAX with float32 softmax ("naive" mode: K/V expanded from the latent). The
 decode path stores only the 576-wide latent row ``[kv_norm(c_kv), rope(k_pe)]`` per token and
-attends in latent space with absorbed weights (see :meth:`MLA.latent` and :meth:`MLA.absorbed`).
+attends in latent space with absorbed weights (see :meth:`MLA.latent` and :meth:`MLA.absorbed_query`, built on :mod:`dsjax.flash_mla.absorb`).
 
 With ``cfg.use_fp8`` the five projections (wq_a, wq_b or wq, wkv_a, wkv_b, wo) are
 :class:`~dsjax.nn.fp8.Fp8Linear` (same ``kernel`` parameters), while the norms, RoPE and the
@@ -26,7 +26,7 @@ from flax import nnx
 
 from dsjax.deep_gemm import (dequantize_per_block, dequantize_per_token, per_block_cast_to_fp8,
                              per_token_cast_to_fp8)
-from dsjax.flash_mla import PagedMLACache
+from dsjax.flash_mla import PagedMLACache, absorb_output, absorb_query, split_wkv_b
 from dsjax.nn.config import DeepSeekV3Config
 from dsjax.nn.layers import RMSNorm, apply_rope, linear_factory, rope_frequencies
 
@@ -99,19 +99,21 @@ class MLA(nnx.Module):
             w = dequantize_per_block(*per_block_cast_to_fp8(w))
         return w
 
-    def absorbed(self, q_nope: jax.Array) -> jax.Array:
-        """q_nope [..., H, nope] -> latent-space queries [..., H, kv_lora_rank] (q·W_UK)."""
+    def _w_uk_uv(self) -> tuple[jax.Array, jax.Array]:
+        """W_UK [H, nope, C] and W_UV [H, v, C] from wkv_b (kernel layout [C, H·(nope + v)])."""
         cfg = self.cfg
-        w = self._wkv_b().reshape(cfg.kv_lora_rank, cfg.n_heads, -1)
-        w_uk = w[..., :cfg.qk_nope_head_dim]  # [C, H, nope]
-        return jnp.einsum("...hd,chd->...hc", q_nope.astype(jnp.float32), w_uk.astype(jnp.float32))
+        return split_wkv_b(self._wkv_b().T, cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim)
+
+    def absorbed_query(self, q_nope: jax.Array, q_pe: jax.Array) -> jax.Array:
+        """q_nope [B, S, H, nope], q_pe [B, S, H, rope] -> float32 FlashMLA queries
+        [B, S, H, kv_lora_rank + rope] (q_nope·W_UK next to q_pe; :func:`dsjax.flash_mla.absorb_query`)."""
+        w_uk, _ = self._w_uk_uv()
+        return absorb_query(q_nope.astype(jnp.float32), q_pe.astype(jnp.float32), w_uk.astype(jnp.float32))
 
     def output_from_latent(self, o_latent: jax.Array) -> jax.Array:
         """Attention output in latent space [B, S, H, C] -> [B, S, D] (·W_UV, then wo)."""
-        cfg = self.cfg
-        w = self._wkv_b().reshape(cfg.kv_lora_rank, cfg.n_heads, -1)
-        w_uv = w[..., cfg.qk_nope_head_dim:]  # [C, H, v]
-        o = jnp.einsum("bshc,chd->bshd", o_latent.astype(jnp.float32), w_uv.astype(jnp.float32))
+        _, w_uv = self._w_uk_uv()
+        o = absorb_output(o_latent.astype(jnp.float32), w_uv.astype(jnp.float32))
         b, s = o.shape[:2]
         return self.wo(o.reshape(b, s, -1).astype(self.wo.kernel.dtype))
 
@@ -140,7 +142,7 @@ class MLA(nnx.Module):
         rows = rows[:, :, None, :]  # [B, T, 1, 576]: one latent "KV head"
         cache = cache.append(rows.astype(cache.pages.dtype) if not cache.fp8 else rows)
         dtype = jnp.bfloat16 if cache.fp8 else cache.pages.dtype
-        q = jnp.concatenate([self.absorbed(q_nope), q_pe.astype(jnp.float32)], axis=-1).astype(dtype)
+        q = self.absorbed_query(q_nope, q_pe).astype(dtype)
         o_latent, _ = cache.attend(q, head_dim_v=cfg.kv_lora_rank, softmax_scale=cfg.softmax_scale,
                                    causal=True, implementation=implementation)
         return self.output_from_latent(o_latent), cache
