@@ -66,10 +66,50 @@ void CheckRanges(const int64_t* offsets, const int64_t* lengths, const int64_t* 
 }  // namespace
 
 PYBIND11_MODULE(_io, m) {
-  m.doc() = "dsjax native batch-read engine (pread thread pool / io_uring, optional O_DIRECT) and CRC-32";
+  m.doc() = "dsjax native batch-read engine (mmap fast path / pread thread pool / io_uring, optional O_DIRECT) and CRC-32";
 
   m.def("io_uring_available", [] { return dsjax_io::Uring::Create(8) != nullptr; },
         "True when an io_uring ring can be created and read through in this process.");
+
+  m.def(
+      "split",
+      [](py::array out, CArray<int64_t> bounds) {
+        // The per-record list of FFRecordReader.read: one view per record, made here because a
+        // Python-level slice per record costs as much as reading a 4 KiB record from the mapping.
+        if (!out.dtype().is(py::dtype::of<uint8_t>()) || out.ndim() != 1 || !(out.flags() & py::array::c_style)) {
+          throw py::value_error("out: expected a contiguous 1-D uint8 array, got dtype " +
+                                std::string(py::str(out.dtype())) + " with " + std::to_string(out.ndim()) +
+                                " dimensions");
+        }
+        const int64_t n = static_cast<int64_t>(bounds.size()) - 1;
+        const int64_t* b = bounds.data();
+        for (int64_t k = 0; k < n; ++k) {
+          if (b[k] < 0 || b[k] > b[k + 1] || b[k + 1] > out.size()) {
+            throw py::value_error("bounds: expected non-decreasing offsets within [0, " + std::to_string(out.size()) +
+                                  "], got bounds[" + std::to_string(k) + ":" + std::to_string(k + 2) + "] = " +
+                                  std::to_string(b[k]) + ", " + std::to_string(b[k + 1]));
+          }
+        }
+        auto& api = py::detail::npy_api::get();
+        const int flags = out.writeable() ? py::detail::npy_api::NPY_ARRAY_WRITEABLE_ : 0;
+        auto* base = static_cast<uint8_t*>(const_cast<void*>(out.data()));
+        py::list result(std::max<int64_t>(n, 0));
+        for (int64_t k = 0; k < n; ++k) {
+          Py_intptr_t dim = static_cast<Py_intptr_t>(b[k + 1] - b[k]);
+          Py_intptr_t stride = 1;
+          PyObject* descr = api.PyArray_DescrFromType_(py::detail::npy_api::NPY_UBYTE_);  // new reference
+          PyObject* view = api.PyArray_NewFromDescr_(api.PyArray_Type_, descr, 1, &dim, &stride, base + b[k], flags, nullptr);
+          if (view == nullptr) throw py::error_already_set();
+          if (api.PyArray_SetBaseObject_(view, out.inc_ref().ptr()) != 0) {  // steals the reference
+            Py_DECREF(view);
+            throw py::error_already_set();
+          }
+          PyList_SET_ITEM(result.ptr(), k, view);  // steals view
+        }
+        return result;
+      },
+      py::arg("out"), py::arg("bounds"),
+      "[out[bounds[k]:bounds[k + 1]] for k in range(len(bounds) - 1)], built in C: views sharing out's memory.");
 
   m.def("crc32", [](py::buffer data, uint32_t value) {
           int64_t size = 0;
@@ -113,13 +153,13 @@ PYBIND11_MODULE(_io, m) {
   py::class_<Engine>(m, "Engine")
       .def(py::init<int, const std::string&, unsigned, int64_t>(), py::arg("threads"), py::arg("kind") = "auto",
            py::arg("queue_depth") = 256, py::arg("align") = 0)
-      .def_property_readonly("kind", &Engine::kind, "'pread' or 'io_uring': the backend in use.")
+      .def_property_readonly("kind", &Engine::kind, "'mmap', 'pread' or 'io_uring': the backend in use.")
       .def_property_readonly("threads", &Engine::threads)
       .def_property_readonly("align", &Engine::align)
       .def(
           "read",
           [](Engine& e, CArray<int32_t> fds, CArray<int64_t> offsets, CArray<int64_t> lengths, CArray<int64_t> dsts,
-             py::buffer out) -> py::object {
+             py::buffer out, py::object crc) -> py::object {
             const int64_t n = fds.size();
             CheckSameLength(n, offsets.size(), "offsets");
             CheckSameLength(n, lengths.size(), "lengths");
@@ -127,6 +167,19 @@ PYBIND11_MODULE(_io, m) {
             int64_t out_size = 0;
             uint8_t* out_ptr = Bytes(out, true, &out_size, "out");
             CheckRanges(offsets.data(), lengths.data(), dsts.data(), n, out_size);
+            uint32_t* crc_ptr = nullptr;
+            if (!crc.is_none()) {
+              // Written in place, so it must be exactly the caller's array: no silent conversion.
+              auto arr = py::array::ensure(crc);
+              if (!arr || !arr.dtype().is(py::dtype::of<uint32_t>()) || arr.ndim() != 1 ||
+                  !(arr.flags() & py::array::c_style) || !arr.writeable()) {
+                throw py::value_error("crc: expected a writable contiguous 1-D uint32 numpy array, got " +
+                                      std::string(py::str(py::type::of(crc))) +
+                                      (arr ? " of dtype " + std::string(py::str(arr.dtype())) : std::string()));
+              }
+              CheckSameLength(n, arr.size(), "crc");
+              crc_ptr = static_cast<uint32_t*>(arr.mutable_data());
+            }
             std::vector<dsjax_io::Request> reqs(static_cast<size_t>(n));
             for (int64_t i = 0; i < n; ++i) {
               reqs[i] = dsjax_io::Request{fds.data()[i], offsets.data()[i], lengths.data()[i], dsts.data()[i]};
@@ -135,15 +188,40 @@ PYBIND11_MODULE(_io, m) {
             bool ok;
             {
               py::gil_scoped_release release;
-              ok = e.Read(reqs.data(), n, out_ptr, &failure);
+              ok = e.Read(reqs.data(), n, out_ptr, &failure, crc_ptr);
             }
             if (ok) return py::none();
             return py::make_tuple(failure.index, failure.err, failure.got);
           },
           py::arg("fds"), py::arg("offsets"), py::arg("lengths"), py::arg("dsts"), py::arg("out"),
+          py::arg("crc") = py::none(),
           "Reads request i (fds[i], offsets[i], lengths[i]) into out[dsts[i]:dsts[i] + lengths[i]].\n"
           "Returns None, or (request index, errno, bytes read) for the lowest failing request;\n"
-          "errno 0 means end of file before `length` bytes.")
+          "errno 0 means end of file before `length` bytes. crc: None or uint32[n] that receives\n"
+          "the CRC-32 of every request's bytes (valid only when the read succeeded).")
+      .def(
+          "stats",
+          [](const Engine& e) {
+            const Engine::Stats st = e.stats();
+            py::dict d;
+            d["mapped"] = st.mapped;
+            d["deferred"] = st.deferred;
+            d["faulted"] = st.faulted;
+            return d;
+          },
+          "Records read so far by kind 'mmap': {'mapped': copied from the file mappings, 'deferred':\n"
+          "read by the pread path (not cached), 'faulted': mapped copies that hit SIGBUS}.")
+      .def(
+          "map_file", [](Engine& e, int fd) { return e.MapFile(fd); }, py::arg("fd"),
+          "kind 'mmap': maps fd (read-only) for the page-cache fast path; False when the file cannot\n"
+          "be mapped (it is then read with pread). Call unmap_file(fd) before closing fd.")
+      .def(
+          "unmap_file",
+          [](Engine& e, int fd) {
+            py::gil_scoped_release release;  // waits for batches in flight, which run without the GIL
+            e.UnmapFile(fd);
+          },
+          py::arg("fd"), "Drops the mapping of fd (if any); waits for batches in flight.")
       .def(
           "crc32_batch",
           [](Engine& e, py::buffer out, CArray<int64_t> dsts, CArray<int64_t> lengths) {

@@ -119,7 +119,7 @@ def test_selected_on_a_3fs_mount(mount, tmp_path):
     assert fake.submits == 1  # one batch -> one ioring submission
     # Not on the mount -> POSIX engine, even with the module importable.
     q = _write(tmp_path / "b.ffr", recs)
-    assert FFRecordReader(q).engine in ("pread", "io_uring")
+    assert FFRecordReader(q).engine == "mmap"
     assert ThreeFSDataSource(p).engine == "usrbio"
 
 
@@ -181,6 +181,6 @@ def test_explicit_choices(mount, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="one 3FS mount"):
         FFRecordReader(q, engine="usrbio")
     monkeypatch.setitem(sys.modules, "hf3fs_py_usrbio", None)  # makes the import fail
-    assert FFRecordReader(p).engine in ("pread", "io_uring")
+    assert FFRecordReader(p).engine == "mmap"
     with pytest.raises(ValueError, match="engine must be one of"):
         FFRecordReader(p, engine="aio")

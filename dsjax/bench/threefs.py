@@ -9,10 +9,15 @@ batches (no CPU-cache warming by its neighbour); the median over many batches is
 
 Rows (implementation):
   reference        plain Python loop: seek + read per record over the FFRecord files (no CRC)
+  reference-crc    the same loop plus zlib.crc32 of every record checked against the header
+  dsjax            dsjax engine, default ("auto" = mmap fast path + pread pool), check_data=False:
+                   like for like with `reference` (no CRC on either side)
   dsjax-pread      dsjax engine, pread pool with the RWF_NOWAIT fast path, check_data=False
   dsjax-io_uring   dsjax engine on io_uring, check_data=False
-  dsjax-crc        dsjax engine (auto), check_data=True (every record's CRC-32 verified)
+  dsjax-crc        dsjax engine (auto), check_data=True: like for like with `reference-crc`
   array_record     grain.sources.ArrayRecordDataSource.__getitems__ over the same records
+Every reader is opened before the warm rounds start; the mmap engine populates the page tables of
+its cached pages in the background (nice 19) during the first rounds, as it would in a training job.
 Cold rows drop the files from the page cache (posix_fadvise DONTNEED) before every batch.
 The "pipeline" bench times grain MapDataset.range(n).shuffle(0).batch(256).map(src.read_batch)
 end to end, against the same pipeline over ArrayRecordDataSource with grain's per-record reads.
@@ -72,8 +77,16 @@ def _drop_cache(paths: list[str]) -> bool:
     return ok
 
 
+def _warm_cache(paths: list[str]) -> None:
+    """Reads every file once so that the page cache holds it (what "warm" rows assume)."""
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(1 << 24):
+                pass
+
+
 def _interleaved_medians(impls: dict[str, Callable[[np.ndarray], Any]], n: int, n_batches: int, seed: int, *,
-                         before: Callable[[], Any] | None = None, warmup: int = 2) -> dict[str, float]:
+                         before: Callable[[str], Any] | None = None, warmup: int = 2) -> dict[str, float]:
     """Median seconds per batch of BATCH random indices in [0, n) for every implementation.
 
     Implementations are timed round-robin in a random order per round, so all see the same machine
@@ -92,16 +105,19 @@ def _interleaved_medians(impls: dict[str, Callable[[np.ndarray], Any]], n: int, 
         for name in order_rng.permutation(names):  # a fresh order each round: no fixed neighbours
             b = rngs[name].integers(0, n, BATCH)
             if before is not None:
-                before()
+                before(name)  # untimed: e.g. evict the files before this implementation's batch
             t0 = time.perf_counter()
             impls[name](b)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _plain_loop(paths: list[str]) -> Callable[[np.ndarray], list[bytes]]:
+def _plain_loop(paths: list[str], check: bool = False) -> Callable[[np.ndarray], list[bytes]]:
+    import zlib  # pylint: disable=import-outside-toplevel
+
     from dsjax.io import read_header  # pylint: disable=import-outside-toplevel
     headers = [read_header(p, check_data=False) for p in paths]
+    crcs = np.concatenate([h.crcs for h in headers]).tolist()
     starts = np.cumsum([0] + [len(h) for h in headers])
     files = [open(p, "rb", buffering=0) for p in paths]  # noqa: SIM115 - kept open for the bench
     offsets = np.concatenate([h.offsets for h in headers]).tolist()
@@ -115,7 +131,18 @@ def _plain_loop(paths: list[str]) -> Callable[[np.ndarray], list[bytes]]:
             f.seek(offsets[i])
             out.append(f.read(lengths[i]))
         return out
-    return read
+
+    def read_checked(indices: np.ndarray) -> list[bytes]:
+        out = []
+        for i in indices.tolist():
+            f = files[which[i]]
+            f.seek(offsets[i])
+            data = f.read(lengths[i])
+            if zlib.crc32(data) != crcs[i]:
+                raise ValueError(f"record {i}: CRC mismatch")
+            out.append(data)
+        return out
+    return read_checked if check else read
 
 
 def _bench_size(n: int, size: int, quick: bool) -> list[Record]:
@@ -129,15 +156,17 @@ def _bench_size(n: int, size: int, quick: bool) -> list[Record]:
         n_batches = 60 if quick else 200
         nbytes = BATCH * size
         label = f"{n // 1000}kx{size // 1024}KiB b{BATCH}"
-        impls: dict[str, Callable[[np.ndarray], Any]] = {"reference": _plain_loop(ffr)}
-        readers = {
-            "dsjax-pread": FFRecordReader(ffr, check_data=False, engine="pread"),
-            "dsjax-crc": FFRecordReader(ffr, check_data=True),
-        }
-        try:
-            readers["dsjax-io_uring"] = FFRecordReader(ffr, check_data=False, engine="io_uring")
-        except RuntimeError:
-            pass  # io_uring not usable here: the row is left out
+        impls: dict[str, Callable[[np.ndarray], Any]] = {"reference": _plain_loop(ffr),
+                                                         "reference-crc": _plain_loop(ffr, check=True)}
+        args = {"dsjax": {"check_data": False}, "dsjax-pread": {"check_data": False, "engine": "pread"},
+                "dsjax-crc": {"check_data": True}, "dsjax-io_uring": {"check_data": False, "engine": "io_uring"}}
+        readers = {}
+        for name, kw in args.items():
+            try:
+                readers[name] = FFRecordReader(ffr, **kw)
+            except RuntimeError:
+                pass  # io_uring not usable here: the row is left out
+        _warm_cache(ffr + arr)
         for name, r in readers.items():
             impls[name] = r.read
         ar_source = grain.sources.ArrayRecordDataSource(arr)
@@ -147,13 +176,25 @@ def _bench_size(n: int, size: int, quick: bool) -> list[Record]:
             if name in readers:
                 extra["engine"] = readers[name].engine
             records.append(record("threefs", label + " warm", name, t, nbytes=nbytes, **extra))
-        # Cold: every batch starts with the files out of the page cache.
+        # Cold: every batch starts with the files out of the page cache. Pages mapped by a process
+        # cannot be dropped, so every mmap reader is closed (unmapped) before each drop, and the one
+        # about to be timed is reopened after it.
+        mapped = [name for name in readers if readers[name].engine == "mmap"]
+
+        def make_cold(name: str) -> None:
+            for m in mapped:
+                readers[m].close()
+            _drop_cache(ffr + arr)
+            if name in mapped:
+                readers[name] = FFRecordReader(ffr, **args[name])
+                impls[name] = readers[name].read
+
         if _drop_cache(ffr + arr):
-            cold = _interleaved_medians(impls, n, 8 if quick else 30, 2, before=lambda: _drop_cache(ffr + arr),
-                                        warmup=0)
+            cold = _interleaved_medians(impls, n, 8 if quick else 30, 2, before=make_cold, warmup=0)
             for name, t in cold.items():
                 records.append(record("threefs", label + " cold", name, t, nbytes=nbytes, records_per_s=BATCH / t))
-        # Full grain pipeline: shuffle -> batch -> read, records/s end to end.
+        # Full grain pipeline: shuffle -> batch -> read, records/s end to end, page cache warm.
+        _warm_cache(ffr + arr)
         src = ThreeFSDataSource(ffr, check_data=True)
         steps = 40 if quick else 200
         pipelines = {

@@ -1,7 +1,8 @@
 """dsjax.io: the 3FS reader.
 
-Batched record reads from a native engine (a pread thread pool or io_uring on any POSIX file
-system, 3FS's USRBIO on a 3FS mount), the FFRecord format, a grain data source with a batch read
+Batched record reads from a native engine (page-cache copies from read-only file mappings with a
+pread thread pool for what is not cached, or io_uring, on any POSIX file system; 3FS's USRBIO on a
+3FS mount), the FFRecord format, a grain data source with a batch read
 path, and token shards for pretraining.
 """
 

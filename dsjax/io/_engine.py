@@ -1,10 +1,19 @@
 """Choice of the batch-read engine: USRBIO on a 3FS mount, else the native POSIX engine.
 
 Every engine offers the same small interface used by :class:`dsjax.io.FFRecordReader`:
-``open_file(path) -> fd``, ``close_file(fd)``, ``read(fds, offsets, lengths, dsts, out)`` (request i
-reads ``lengths[i]`` bytes at ``offsets[i]`` of ``fds[i]`` into ``out[dsts[i]:dsts[i] + lengths[i]]``;
-returns ``None`` or ``(request index, errno, bytes read)`` for the lowest failing request, errno 0
-meaning end of file) and ``name`` ("pread", "io_uring" or "usrbio").
+``open_file(path) -> fd``, ``close_file(fd)``, ``read(fds, offsets, lengths, dsts, out, crc=None)``
+(request i reads ``lengths[i]`` bytes at ``offsets[i]`` of ``fds[i]`` into
+``out[dsts[i]:dsts[i] + lengths[i]]``; ``crc``, when given, a uint32 array that receives every
+request's CRC-32; returns ``None`` or ``(request index, errno, bytes read)`` for the lowest failing
+request, errno 0 meaning end of file) and ``name`` ("mmap", "pread", "io_uring" or "usrbio").
+
+The POSIX kinds: "mmap" (the default for buffered reads) copies batches whose records are in the
+page cache straight out of read-only file mappings (no syscall per record; a SIGBUS guard turns a
+file truncated under the reader into an end-of-file error) and sends the others to the pread pool;
+"pread" is the pread pool alone (page-cache reads tried first with ``preadv2(RWF_NOWAIT)`` on the
+calling thread); "io_uring" a ring. ``io/engine.cc`` has the measurements behind the choice.
+Mapped page-cache pages show up in the process's RSS (as shared file pages; the kernel can still
+reclaim them); use "pread" where that matters.
 
 The USRBIO engine follows 3FS's Python binding ``hf3fs_py_usrbio`` (deepseek-ai/3FS,
 ``src/lib/py/usrbio_binding.cc`` and ``hf3fs_fuse/io.py``): a shared-memory buffer registered as
@@ -25,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-ENGINES = ("auto", "pread", "io_uring", "usrbio")
+ENGINES = ("auto", "mmap", "pread", "io_uring", "usrbio")
 
 
 def _native() -> Any:
@@ -43,10 +52,11 @@ def default_threads() -> int:
 
 
 class PosixEngine:
-    """The native engine (``dsjax._io.Engine``): a pread thread pool or an io_uring ring.
+    """The native engine (``dsjax._io.Engine``): mmap fast path, a pread thread pool or an io_uring ring.
 
     Args:
-        kind: "auto" (the pread pool), "pread" or "io_uring".
+        kind: "auto" ("mmap" for buffered reads, "pread" with ``direct``), "mmap", "pread" or
+            "io_uring".
         threads: reads in flight for the pread pool (the calling thread included).
         direct: open files with O_DIRECT (page cache bypassed; reads go through aligned buffers).
         queue_depth: io_uring submission-queue size.
@@ -64,19 +74,24 @@ class PosixEngine:
         if self._direct:
             flags |= os.O_DIRECT
         try:
-            return os.open(path, flags)
+            fd = os.open(path, flags)
         except OSError as e:
             if self._direct and e.errno == 22:  # EINVAL: tmpfs and some FUSE mounts refuse O_DIRECT
                 raise OSError(e.errno, f"{path}: this file system does not support O_DIRECT "
                               "(direct=True); open it with direct=False", path) from e
             raise
+        if self.name == "mmap":
+            self._native.map_file(fd)  # False: not mappable here; that file is read with pread
+        return fd
 
     def close_file(self, fd: int) -> None:
+        if self.name == "mmap":
+            self._native.unmap_file(fd)
         os.close(fd)
 
     def read(self, fds: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, dsts: np.ndarray,
-             out: np.ndarray) -> tuple[int, int, int] | None:
-        return self._native.read(fds, offsets, lengths, dsts, out)
+             out: np.ndarray, crc: np.ndarray | None = None) -> tuple[int, int, int] | None:
+        return self._native.read(fds, offsets, lengths, dsts, out, crc)
 
     def crc32(self, out: np.ndarray, dsts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         return self._native.crc32_batch(out, dsts, lengths)
@@ -157,7 +172,14 @@ class UsrbioEngine:
             os.close(fd)
 
     def read(self, fds: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, dsts: np.ndarray,
-             out: np.ndarray) -> tuple[int, int, int] | None:
+             out: np.ndarray, crc: np.ndarray | None = None) -> tuple[int, int, int] | None:
+        failure = self._read(fds, offsets, lengths, dsts, out)
+        if failure is None and crc is not None:
+            crc[:] = self._crc.crc32(out, dsts, lengths)
+        return failure
+
+    def _read(self, fds: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, dsts: np.ndarray,
+              out: np.ndarray) -> tuple[int, int, int] | None:
         n = len(fds)
         if n == 0:
             return None
@@ -229,7 +251,8 @@ def open_engine(paths: Sequence[str], *, engine: str = "auto", threads: int | No
     Args:
         paths: the files that will be read (all of them: USRBIO needs them on one 3FS mount).
         engine: "auto" (USRBIO when ``hf3fs_py_usrbio`` imports and the files are on a 3FS mount,
-            else the POSIX pread pool), "pread", "io_uring" or "usrbio" (raises when impossible).
+            else the POSIX "mmap" engine, or "pread" with ``direct``), "mmap", "pread", "io_uring"
+            or "usrbio" (raises when impossible).
         threads: pread pool size (POSIX engines).
         direct: O_DIRECT reads (POSIX engines).
     """

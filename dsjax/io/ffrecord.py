@@ -28,11 +28,16 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-from dsjax.io._engine import open_engine
+from dsjax.io._engine import _native, open_engine
 
 PathLike = Union[str, os.PathLike]
 _PREFIX = struct.Struct("<Iq")  # checksum_meta, N
 _PREFIX_BYTES = _PREFIX.size  # 12
+
+
+def _split(out: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    """[out[bounds[k]:bounds[k + 1]] for k ...]: the views are made in native code (~2x faster)."""
+    return _native().split(out, bounds)
 
 
 class FFRecordError(ValueError):
@@ -256,7 +261,8 @@ class FFRecordReader:
             are numbered across files in that order.
         check_data: verify the metadata checksum on open and every sample's CRC-32 on read.
         engine: "auto" (USRBIO on a 3FS mount with ``hf3fs_py_usrbio`` installed, else the native
-            pread pool), "pread", "io_uring" or "usrbio".
+            "mmap" engine: page-cache copies from read-only mappings, the pread pool for what is
+            not cached; "pread" with ``direct``), "mmap", "pread", "io_uring" or "usrbio".
         threads: reads in flight for the pread pool (default: see ``_engine.default_threads``).
         direct: O_DIRECT reads (bypass the page cache).
 
@@ -286,7 +292,7 @@ class FFRecordReader:
 
     @property
     def engine(self) -> str:
-        """The engine in use: "pread", "io_uring" or "usrbio"."""
+        """The engine in use: "mmap", "pread", "io_uring" or "usrbio"."""
         return self._engine.name
 
     def __len__(self) -> int:
@@ -332,7 +338,10 @@ class FFRecordReader:
             return out, bounds
         files = np.searchsorted(self._starts, idx, side="right") - 1
         fds = self._fds[files]
-        failure = self._engine.read(fds, self._offsets[idx], lengths, bounds[:-1], out)
+        # CRC-32s come back from the same call: the engine computes each one right after the copy,
+        # while the record is still in the CPU caches.
+        crc = np.empty(idx.size, np.uint32) if self.check_data else None
+        failure = self._engine.read(fds, self._offsets[idx], lengths, bounds[:-1], out, crc)
         if failure is not None:
             k, err, got = failure
             g = int(idx[k])
@@ -341,8 +350,7 @@ class FFRecordReader:
                 raise FFRecordError(path, f"file ended after {got} of {int(lengths[k])} bytes (global index {g}; "
                                     "truncated since it was opened?)", local)
             raise OSError(err, f"{path}: sample {local} (global index {g}): read failed: {os.strerror(err)}", path)
-        if self.check_data:
-            crc = self._engine.crc32(out, bounds[:-1], lengths)
+        if crc is not None:
             bad = np.flatnonzero(crc != self._crcs[idx])
             if bad.size:
                 k = int(bad[0])
@@ -388,8 +396,7 @@ class FFRecordReader:
     def read(self, indices: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """Reads samples: a list of uint8 arrays, views into one buffer filled by one submission."""
         out, bounds = self.read_concat(indices)
-        b = bounds.tolist()  # Python ints slice faster than numpy scalars
-        return [out[b[k]:b[k + 1]] for k in range(len(b) - 1)]
+        return _split(out, bounds)
 
     def read_one(self, index: int) -> np.ndarray:
         """One sample as a uint8 array."""

@@ -35,7 +35,7 @@ class ThreeFSDataSource:
         check_data: verify metadata checksums and each record's CRC-32.
         decode: applied to every record (a uint8 numpy array viewing the batch buffer); None
             returns the arrays themselves. Must be picklable for multi-process grain.
-        engine: "auto" | "pread" | "io_uring" | "usrbio" (see :class:`dsjax.io.FFRecordReader`).
+        engine: "auto" | "mmap" | "pread" | "io_uring" | "usrbio" (see :class:`dsjax.io.FFRecordReader`).
         threads: reads in flight for the pread pool.
         direct: O_DIRECT reads (page cache bypassed; POSIX engines only).
 
@@ -72,7 +72,7 @@ class ThreeFSDataSource:
 
     @property
     def engine(self) -> str:
-        """The engine in use: "pread", "io_uring" or "usrbio"."""
+        """The engine in use: "mmap", "pread", "io_uring" or "usrbio"."""
         return self.reader.engine
 
     def __len__(self) -> int:
