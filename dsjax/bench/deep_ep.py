@@ -71,7 +71,6 @@ def _sm(mesh, fn, n_in):
 
 def _dsjax_step(mesh, e, impl, fp8, hier, cap=None):
     from dsjax import deep_ep
-    axes = tuple(mesh.axis_names)
     kw = dict(axis_name="gpu", node_axis_name="node") if hier else dict(axis_name="ep")
 
     def step(x, idx, w):

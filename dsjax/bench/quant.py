@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsjax.bench._harness import Record, implementations, record, time_fn
 from dsjax.deep_gemm import per_block_cast_to_fp8, per_token_cast_to_fp8

@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsjax.dualpipe.plan import DST_DOWN, DST_SELF, DST_UP, FIELD, KIND_CODE, Plan, build_plan
+from dsjax.dualpipe.plan import DST_DOWN, DST_UP, FIELD, Plan, build_plan
 from dsjax.dualpipe.schedules import Schedule, stage_copies, validate
 
 _shard_map = getattr(jax, "shard_map", None)
@@ -387,7 +387,9 @@ class DualPipe:
             return y, (loss, aux, st, ls), [leaf for leaf, k in zip(leaves, src) if k == -1]
 
         if train:
-            res_struct = jax.eval_shape(lambda p, x, l: fwd_vjp(p, x, l, jnp.bool_(True))[2], p0, zeros_act, lbl0)
+            # one abstract trace of a forward: the step outputs' and the residuals' shapes
+            info_struct, res_struct = jax.eval_shape(lambda p, x, l: fwd_vjp(p, x, l, jnp.bool_(True))[1:],
+                                                     p0, zeros_act, lbl0)
             # what one (stage, micro-batch) keeps between its F and its backward (params excluded)
             self.residual_shapes = [(s.shape, s.dtype) for s in res_struct]
             res = [jnp.zeros((plan.num_res + 1,) + s.shape, s.dtype) for s in res_struct]
@@ -396,14 +398,11 @@ class DualPipe:
             acc = [jnp.zeros((plan.num_slots + 1,) + a.shape[1:], a.dtype)
                    for a in split(jax.tree.leaves(local), diff)[0]]
             lacc = [jnp.zeros(a.shape, a.dtype) for a in split(lp_leaves0, lp_diff)[0]]
-            info_struct = jax.eval_shape(lambda p, x, l: fwd_vjp(p, x, l, jnp.bool_(True))[1], p0, zeros_act, lbl0)
             zeros_info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), info_struct)
             st_acc = jax.tree.map(lambda s: jnp.zeros((plan.num_slots + 1,) + s.shape, s.dtype), info_struct[2])
             ls_acc = zeros_info[3]
             gx = jnp.zeros((n + 1,) + act.shape, act.dtype)
         else:
-            y_struct = jax.eval_shape(lambda p, x: run_stage(p, x)[0], p0, zeros_act)
-            del y_struct  # shape checked by run_stage
             res, zeros_res, gin, acc, lacc = [], [], jnp.zeros((1,) + act.shape, act.dtype), [], []
             zeros_info = st_acc = ls_acc = gx = None
         zeros_dp = [jnp.zeros(a.shape, a.dtype) for a in split(jax.tree.leaves(p0), diff)[0]]

@@ -95,6 +95,7 @@ class Pipeline:
         self.data_axes = ("dp", "ep")
         self.num_microbatches = num_microbatches
         self.routed_fn = local_routed_fn("ep", mesh.shape["ep"], implementation, bool(cfg.use_fp8))
+        self._executors: dict = {}  # per (block graph, loss-module graphs): one executor, one compilation
 
     def prepare(self, model: DeepSeekV3) -> None:
         """Switches the model's MoE layers to the in-stage EP function and its pre-pipeline FP8
@@ -149,10 +150,6 @@ class Pipeline:
                 stats = {"lm": lm, "mtp": mtp_loss, "balance": balance, "mtp_load": mtp.block.ffn.load[...]}
             return loss, stats
         return loss_fn
-
-    @functools.cached_property
-    def _executors(self) -> dict:
-        return {}
 
     def _executor(self, gd_block, gds) -> DualPipe:
         key = (gd_block, tuple(sorted(gds.items(), key=lambda kv: kv[0])))
