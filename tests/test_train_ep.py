@@ -84,7 +84,7 @@ def test_training_state_places_routed_experts_on_their_ep_rank():
 
     cfg = DeepSeekV3Config.tiny(n_layers=2)
     model = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, _optimizer_for(1e-3, 10, 0.0, 1.0), wrt=nnx.Param)
+    opt = nnx.Optimizer(model, _optimizer_for(1e-3, 10, 0.0), wrt=nnx.Param)
     mesh = _mesh()
     placed = _place((nnx.state(model), nnx.state(opt)), mesh)
     specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(placed)}

@@ -25,11 +25,13 @@ from jax.sharding import Mesh
 from dsjax.nn.config import DeepSeekV3Config
 from dsjax.nn.ep import use_expert_parallelism
 from dsjax.nn.model import DeepSeekV3, lm_loss, update_expert_biases
-from dsjax.nn.moe import DeepSeekMoE, moe_layers, tie_expert_replica_grads
-from dsjax.train.loop import _optimizer_for, _place
+from dsjax.nn.moe import DeepSeekMoE, expert_global_norm, moe_layers, tie_expert_replica_grads
+from dsjax.train.loop import _optimizer_for, _place, clip_grads
 from dsjax.train.rebalance import placement, rebalance_model
 
 E, EP, RED = 8, 4, 4          # 8 logical experts, 12 slots, 3 per EP rank
+
+CLIP = 1e-3  # binding: the gradients' global norms here are ~1e-1 and more
 
 
 def _mesh() -> Mesh:
@@ -38,13 +40,13 @@ def _mesh() -> Mesh:
 
 @nnx.jit
 def _step(model, opt, batch):
-    """The training loop's step with replica-tied gradients; returns (loss, load [L, E], the
-    tied gradients)."""
+    """The training loop's step (replica-tied gradients, clipped counting each expert once);
+    returns (loss, load [L, E], the tied and clipped gradients)."""
     def loss_fn(m):
         parts = lm_loss(m, batch)
         return parts.total, parts
     (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    grads = tie_expert_replica_grads(model, grads)
+    grads = clip_grads(model, grads, 1.0)
     opt.update(model, grads)
     loads = jnp.stack([m.load[...] for _, m in moe_layers(model)])
     update_expert_biases(model)
@@ -76,8 +78,8 @@ def _routed(obj_state, path):
 
 def _adam(opt_pure, moment):
     """AdamW's ``mu`` / ``nu`` tree in the optimizer's pure dict: the loop's optimizer is
-    ``chain(clip_by_global_norm, adamw)``, adamw's first state being ScaleByAdamState."""
-    return opt_pure["opt_state"][1][0][moment]
+    AdamW, whose first state is ScaleByAdamState (the step clips the gradients itself)."""
+    return opt_pure["opt_state"][0][moment]
 
 
 def _assert_replicas_equal(arrays, phy2log, what):
@@ -88,13 +90,13 @@ def _assert_replicas_equal(arrays, phy2log, what):
                 np.testing.assert_array_equal(a[s], a[slots[0]], err_msg=f"{what}: expert {e}")
 
 
-def _build(mesh, redundant, *, clip=1.0):
+def _build(mesh, redundant):
     # One MoE block (no dense one) keeps compilation short; the MTP head adds a second MoE layer.
     cfg = DeepSeekV3Config.tiny(n_layers=1, n_dense_layers=0, n_redundant_experts=redundant)
     model = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
     if mesh is not None:
         use_expert_parallelism(model, mesh, implementation="cpu")
-    opt = nnx.Optimizer(model, _optimizer_for(1e-2, 1, 0.01, clip), wrt=nnx.Param)
+    opt = nnx.Optimizer(model, _optimizer_for(1e-2, 1, 0.01), wrt=nnx.Param)
     if mesh is not None:
         nnx.update(model, _place(nnx.state(model), mesh))
         nnx.update(opt, _place(nnx.state(opt), mesh))
@@ -175,15 +177,16 @@ def test_rebalance_with_relayout_keeps_outputs_and_training_on_8_devices():
 def test_redundant_experts_train_like_plain_experts():
     """Tied replica gradients are the logical experts' gradients: a DeepSeekMoE with redundant
     slots computes the plain layer's function, every replica gets the gradient of its logical
-    expert, and AdamW keeps the two layers equal step after step (no clipping here: the global
-    norm counts every replica, so clipping would scale the two differently)."""
+    expert, and AdamW keeps the two layers equal step after step, with gradient clipping that
+    binds: the loop's clip counts each logical expert once (a plain global norm would count the
+    replicated experts twice and scale the two layers' steps differently)."""
     cfg = DeepSeekV3Config.tiny(n_layers=1, n_dense_layers=0)
     x = jax.random.normal(jax.random.PRNGKey(3), (3, 16, cfg.dim))
     probe = jax.random.normal(jax.random.PRNGKey(4), (3, 16, cfg.dim))
     layers = []
     for red in (0, RED):
         moe = DeepSeekMoE(dataclasses.replace(cfg, n_redundant_experts=red), rngs=nnx.Rngs(0))
-        layers.append((moe, nnx.Optimizer(moe, _optimizer_for(1e-2, 1, 0.01, 1e9), wrt=nnx.Param)))
+        layers.append((moe, nnx.Optimizer(moe, _optimizer_for(1e-2, 1, 0.01), wrt=nnx.Param)))
     phy = np.asarray(layers[1][0].phy2log[...])
     assert layers[1][0].w1.shape[0] == E + RED and layers[0][0].phy2log is None
     assert sorted(np.bincount(phy)) == [1] * (E - RED) + [2] * RED
@@ -194,12 +197,15 @@ def test_redundant_experts_train_like_plain_experts():
             y = m(x)
             return (y * probe).sum(), y
         (_, y), grads = nnx.value_and_grad(loss_fn, has_aux=True)(moe)
-        grads = tie_expert_replica_grads(moe, grads)
+        norm = expert_global_norm(moe, tie_expert_replica_grads(moe, grads))
+        grads = clip_grads(moe, grads, CLIP)
         opt.update(moe, grads)
-        return y, moe.load[...], grads
+        return y, moe.load[...], grads, norm
 
     for i in range(3):
-        (yp, load_p, gp), (yr, load_r, gr) = (step(m, o) for m, o in layers)
+        (yp, load_p, gp, norm_p), (yr, load_r, gr, norm_r) = (step(m, o) for m, o in layers)
+        assert float(norm_p) > 10 * CLIP  # the clip binds
+        _close(norm_r, norm_p, f"expert-counted global norm at step {i}")
         np.testing.assert_array_equal(load_r, load_p)     # routing is logical
         _close(yr, yp, f"output at step {i}")
         for w in ("w1", "w3", "w2"):

@@ -57,12 +57,12 @@ def _step_records(batch: int, seq: int) -> list[Record]:
         variants.append((f"pp-dualpipe-{implementations()[-1]}", "pp"))
     for name, impl in variants:
         model = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
-        step = _train_step()
+        step = _train_step(1.0)
         if impl == "pp":
             pmesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4), ("pp", "dp", "ep"))
             pipe = _pipeline(pmesh, cfg, "dualpipe", 4, implementations()[-1])
             pipe.prepare(model)
-            step = _pipeline_step(pipe)
+            step = _pipeline_step(pipe, 1.0)
             tok = jax.device_put(tokens, NamedSharding(pmesh, P(("dp", "ep"))))
             where = "pp=2 x ep=4, dualpipe, 4 micro-batches"
         elif impl is None:
@@ -72,7 +72,7 @@ def _step_records(batch: int, seq: int) -> list[Record]:
             use_expert_parallelism(model, mesh, implementation=impl)
             tok = jax.device_put(tokens, NamedSharding(mesh, P(("dp", "ep"))))
             where = f"dp={mesh.shape['dp']} x ep={mesh.shape['ep']}"
-        opt = nnx.Optimizer(model, _optimizer_for(3e-3, 10, 0.01, 1.0), wrt=nnx.Param)
+        opt = nnx.Optimizer(model, _optimizer_for(3e-3, 10, 0.01), wrt=nnx.Param)
         t = time_fn(lambda: step(model, opt, tok)[0].total, warmup=2, repeats=5)
         flops = 6.0 * _active_params(model, cfg) * batch * seq
         extra = {"tokens_per_s": round(batch * seq / t), "mesh": where}

@@ -241,6 +241,36 @@ def routed_weight_owner(path: tuple, layers: list[tuple[tuple, "DeepSeekMoE"]]) 
     return best
 
 
+def expert_global_norm(model: nnx.Module, grads: nnx.State) -> jax.Array:
+    """Global L2 norm of a gradient state counting every logical expert once.
+
+    After :func:`tie_expert_replica_grads` each replica slot holds its expert's whole gradient,
+    so a plain global norm (``optax.global_norm``) would count an expert with ``c`` replicas ``c``
+    times and clip a model with redundant experts harder than the same model without. Here a
+    routed-weight slot's squared norm is divided by its expert's replica count; without
+    redundant experts this is the plain global norm.
+
+    Args:
+        model: the model the gradients were taken of (its placement variables give the counts).
+        grads: its gradient state, replica gradients tied.
+
+    Returns:
+        float32 scalar.
+    """
+    layers = moe_layers(model)
+    total = jnp.zeros((), jnp.float32)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        sq = jnp.square(jnp.asarray(g, jnp.float32))
+        i = routed_weight_owner(key_path(path), layers)
+        moe = layers[i][1] if i is not None else None
+        if moe is not None and moe.phy2log is not None:
+            copies = moe.logcnt[...][moe.phy2log[...]].astype(jnp.float32)  # [P] replicas of each slot's expert
+            total = total + jnp.sum(jnp.sum(sq.reshape(sq.shape[0], -1), axis=1) / copies)
+        else:
+            total = total + jnp.sum(sq)
+    return jnp.sqrt(total)
+
+
 def tie_expert_replica_grads(model: nnx.Module, grads: nnx.State) -> nnx.State:
     """Applies :func:`dsjax.eplb.tie_replica_grads` to the routed-weight gradients of every MoE
     layer with redundant experts (a no-op, returning ``grads``, when there is none).

@@ -92,6 +92,8 @@ def _check(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+    if not isinstance(cfg.clip, (int, float)) or not cfg.clip > 0:
+        raise UsageError(f"clip: expected a positive number (global-norm gradient clipping), got {cfg.clip!r}")
     red = cfg.redundant_experts
     if red is not None and (not isinstance(red, int) or isinstance(red, bool) or red < 0):
         raise UsageError(f"--redundant-experts: expected an integer >= 0, got {red!r}")
@@ -128,20 +130,34 @@ def _check_resume(cfg: TrainConfig, conf_path: str) -> None:
 
 
 def _optimizer(cfg: TrainConfig):
-    return _optimizer_for(cfg.lr, cfg.warmup, cfg.weight_decay, cfg.clip)
+    return _optimizer_for(cfg.lr, cfg.warmup, cfg.weight_decay)
 
 
 @functools.cache
-def _optimizer_for(lr: float, warmup: int, weight_decay: float, clip: float):
+def _optimizer_for(lr: float, warmup: int, weight_decay: float):
     """AdamW (cached: the transformation is part of the optimizer's static structure, so runs in
-    one process with the same settings share the step's compilation)."""
+    one process with the same settings share the step's compilation). Gradient clipping is done
+    by the step itself (:func:`clip_grads`), which counts each logical expert once."""
     import optax  # pylint: disable=import-outside-toplevel
     # Warmup then constant: the schedule does not depend on the total step count, so a run can be
     # extended with --resume --steps N without changing the steps already taken.
     sched = optax.join_schedules([optax.linear_schedule(lr / warmup, lr, warmup),
                                   optax.constant_schedule(lr)], [warmup])
-    return optax.chain(optax.clip_by_global_norm(clip),
-                       optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=weight_decay))
+    return optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=weight_decay)
+
+
+def clip_grads(model, grads, max_norm: float):
+    """Ties the replica gradients of redundant experts, then clips by the global norm that
+    counts every logical expert once (:func:`dsjax.nn.moe.expert_global_norm`; optax's
+    ``clip_by_global_norm`` rule). A model with redundant experts thus takes exactly the steps of
+    the same model without them."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.moe import expert_global_norm, tie_expert_replica_grads  # pylint: disable=import-outside-toplevel
+
+    grads = tie_expert_replica_grads(model, grads)
+    norm = expert_global_norm(model, grads)
+    return jax.tree.map(lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), grads)
 
 
 def _moe_layers(model) -> list:
@@ -289,7 +305,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         batch = jax.make_array_from_process_local_data(batch_sharding, np.asarray(data[step - 1]))
-        parts, loads = (_pipeline_step(pipe) if pipe else _train_step())(model, opt, batch)
+        parts, loads = (_pipeline_step(pipe, cfg.clip) if pipe else _train_step(cfg.clip))(model, opt, batch)
         loss = float(parts.total)  # waits for the step
         if step > start + 1:  # a process's first step includes compilation
             n_timed, t_timed = n_timed + 1, t_timed + (time.perf_counter() - t0)
@@ -330,13 +346,12 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 
 
 @functools.cache
-def _train_step():
+def _train_step(clip: float):
     """The jitted step, built once per process: later runs in the same process (tests, notebooks)
     with the same model structure reuse its compilation."""
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from dsjax.nn.model import lm_loss, update_expert_biases  # pylint: disable=import-outside-toplevel
-    from dsjax.nn.moe import tie_expert_replica_grads  # pylint: disable=import-outside-toplevel
 
     @nnx.jit
     def train_step(model, opt, batch):
@@ -347,7 +362,7 @@ def _train_step():
             return parts.total, parts
         (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         # Replicas of a logical expert get its whole gradient, so they stay identical.
-        opt.update(model, tie_expert_replica_grads(model, grads))
+        opt.update(model, clip_grads(model, grads, clip))
         loads = jnp.stack([moe.load[...] for moe in _moe_layers(model)])
         update_expert_biases(model)
         return parts, loads
@@ -364,16 +379,15 @@ def _pipeline(mesh, mcfg, schedule: str, microbatches: int, implementation: str)
 
 
 @functools.cache
-def _pipeline_step(pipe):
+def _pipeline_step(pipe, clip: float):
     """The jitted pipeline-parallel step (same contract as :func:`_train_step`)."""
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from dsjax.nn.model import update_expert_biases  # pylint: disable=import-outside-toplevel
-    from dsjax.nn.moe import tie_expert_replica_grads  # pylint: disable=import-outside-toplevel
 
     @nnx.jit
     def train_step(model, opt, batch):
         parts, grads, stats = pipe.loss_and_grads(model, batch)
-        opt.update(model, tie_expert_replica_grads(model, grads))
+        opt.update(model, clip_grads(model, grads, clip))
         pipe.set_loads(model, stats.loads)
         update_expert_biases(model)
         return parts, stats.loads
