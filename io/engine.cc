@@ -156,10 +156,19 @@ void Engine::PopulateLoop() {
 }
 
 bool Engine::MapFile(int fd) {
-  if (!mmap_ || fd < 0) return false;
+  // A forked child never touches the mappings' lock: the parent may have held it at fork time
+  // (a reader, or the population thread that does not exist in the child); it reads by pread.
+  if (!mmap_ || fd < 0 || getpid() != owner_pid_) return false;
   auto* m = new Mapping(fd);
   if (m->data() == nullptr) {
     delete m;
+    // Drop a stale mapping of a descriptor number closed without UnmapFile: reads of this fd
+    // must go to pread, never to the old file's bytes.
+    std::unique_lock<std::shared_mutex> lock(maps_mu_);
+    if (static_cast<size_t>(fd) < maps_.size()) {
+      delete maps_[fd];
+      maps_[fd] = nullptr;
+    }
     return false;
   }
   std::unique_lock<std::shared_mutex> lock(maps_mu_);
@@ -179,6 +188,7 @@ bool Engine::MapFile(int fd) {
 }
 
 void Engine::UnmapFile(int fd) {
+  if (getpid() != owner_pid_) return;  // a forked child: see MapFile; ~Engine frees the mappings
   std::unique_lock<std::shared_mutex> lock(maps_mu_);
   if (fd >= 0 && static_cast<size_t>(fd) < maps_.size()) {
     delete maps_[fd];
@@ -403,7 +413,7 @@ bool Engine::RunDeferred(const ReadOp* ops, int64_t n, ReadFailure* failure) {
 
 bool Engine::Read(const Request* reqs, int64_t n, uint8_t* out, ReadFailure* failure, uint32_t* crc) {
   if (n <= 0) return true;
-  if (mmap_) {
+  if (mmap_ && getpid() == owner_pid_) {  // a forked child reads by pread (see MapFile)
     std::shared_lock<std::shared_mutex> lock(maps_mu_);  // mappings stay valid for the whole batch
     bool handled = false;
     const bool ok = ReadMapped(reqs, n, out, failure, crc, &handled);

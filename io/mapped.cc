@@ -35,6 +35,10 @@ __thread Guard* t_guard __attribute__((tls_model("initial-exec"))) = nullptr;
 // Set while this thread runs the previous handler: a handler that chains back to us (faulthandler
 // re-raises with its own predecessor, which may be us) then gets the default action, not a loop.
 __thread int t_chaining __attribute__((tls_model("initial-exec"))) = 0;
+// The fault address last handed to the previous handler that then returned. If the same address
+// faults again on this thread, that handler did not fix the fault (e.g. a disabled faulthandler
+// whose function is still our saved predecessor): take the default action instead of looping.
+__thread uintptr_t t_chained_fault __attribute__((tls_model("initial-exec"))) = 0;
 
 // The handler that was installed before ours. Never freed: a concurrent signal may be reading it.
 std::atomic<const struct sigaction*> g_prev{nullptr};
@@ -46,20 +50,33 @@ void OnSigbus(int sig, siginfo_t* info, void* ctx) {
     const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
     if (addr >= g->lo && addr < g->hi) {
       t_guard = nullptr;
-      siglongjmp(g->env, 1);  // SA_NODEFER left SIGBUS unblocked, so no mask to restore
+      // SA_NODEFER leaves SIGBUS unblocked when the kernel calls us; a handler installed later
+      // without it may have called us with SIGBUS blocked, and sigsetjmp(env, 0) restores no
+      // mask: unblock it so that this thread's next fault is delivered.
+      sigset_t bus;
+      sigemptyset(&bus);
+      sigaddset(&bus, SIGBUS);
+      pthread_sigmask(SIG_UNBLOCK, &bus, nullptr);
+      siglongjmp(g->env, 1);
     }
   }
-  const struct sigaction* prev = t_chaining ? nullptr : g_prev.load(std::memory_order_acquire);
+  const bool fault = info != nullptr && info->si_code > 0;
+  const uintptr_t fault_addr = fault ? reinterpret_cast<uintptr_t>(info->si_addr) : 0;
+  const bool refault = fault && fault_addr != 0 && fault_addr == t_chained_fault;
+  t_chained_fault = 0;
+  const struct sigaction* prev = (t_chaining || refault) ? nullptr : g_prev.load(std::memory_order_acquire);
   if (prev != nullptr && (prev->sa_flags & SA_SIGINFO) != 0 && prev->sa_sigaction != nullptr) {
     t_chaining = 1;
     prev->sa_sigaction(sig, info, ctx);
     t_chaining = 0;
+    t_chained_fault = fault_addr;
     return;
   }
   if (prev != nullptr && prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN) {
     t_chaining = 1;
     prev->sa_handler(sig);
     t_chaining = 0;
+    t_chained_fault = fault_addr;
     return;
   }
   const bool sent = info == nullptr || info->si_code <= 0;  // kill()/raise(), not a fault

@@ -192,3 +192,35 @@ def test_split_makes_views_like_slicing():
     with pytest.raises(ValueError, match="out: expected a contiguous 1-D uint8 array"):
         _io.split(np.zeros(10, np.int32), np.array([0, 1]))
     assert _io.split(np.zeros(0, np.uint8), np.array([0])) == []
+
+
+# A handler installed on top of ours and later removed (faulthandler enable -> disable) leaves
+# our saved predecessor pointing at a function that returns without fixing the fault; an
+# unguarded fault must still kill the process (SIGBUS), not re-fault forever.
+_STALE = r"""
+import faulthandler, mmap, os, sys
+import numpy as np
+from dsjax import _io
+d = sys.argv[1]
+p = os.path.join(d, "a.bin"); open(p, "wb").write(b"y" * 8192)
+fd = os.open(p, os.O_RDONLY)
+e = _io.Engine(2, "mmap"); assert e.map_file(fd)
+out = np.empty(10, np.uint8)
+rd = lambda: e.read(np.array([fd], np.int32), np.array([0], np.int64), np.array([10], np.int64),
+                    np.array([0], np.int64), out)
+rd()                      # installs our handler
+faulthandler.enable()     # faulthandler on top of ours
+rd()                      # ours again on top, faulthandler saved as predecessor
+faulthandler.disable()    # faulthandler puts ours back: the saved predecessor is now stale
+q = os.path.join(d, "q.bin"); open(q, "wb").write(b"x" * 4 * mmap.PAGESIZE)
+f = open(q, "rb"); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); os.truncate(q, 0)
+print("setup done", flush=True)
+print("unreachable", m[3 * mmap.PAGESIZE], flush=True)
+"""
+
+
+def test_unguarded_fault_after_stale_chained_handler_still_dies(tmp_path):
+    res = subprocess.run([sys.executable, "-c", _STALE, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert "setup done" in res.stdout, res.stdout + res.stderr
+    assert "unreachable" not in res.stdout
+    assert res.returncode == -7, (res.returncode, res.stderr[-2000:])
