@@ -260,3 +260,15 @@ def test_rebalance_errors():
                                          r"axis 12 \(slots\), got shape \(8, 3\)"):
         from dsjax.eplb import tie_replica_grads
         tie_replica_grads({"w": jnp.zeros((8, 3))}, placement(red)[0])
+
+
+def test_tying_refuses_gradients_it_cannot_match():
+    """Gradients of a sub-module (paths without the model's prefix) cannot be tied: an error,
+    not replicas that silently drift apart."""
+    model = DeepSeekV3(DeepSeekV3Config.tiny(n_layers=1, n_dense_layers=0, n_redundant_experts=RED),
+                       rngs=nnx.Rngs(0))
+    sub = jax.tree.map(jnp.zeros_like, nnx.state(model.layers[0], nnx.Param))
+    with pytest.raises(ValueError, match=r"found 0 of the 6 routed-weight gradients"):
+        tie_expert_replica_grads(model, sub)
+    full = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+    assert jax.tree.structure(tie_expert_replica_grads(model, full)) == jax.tree.structure(full)

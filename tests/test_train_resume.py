@@ -58,6 +58,14 @@ def test_resume_gives_identical_losses(tokens, tmp_path):
         assert (run / name).stat().st_size > 0, name
     with open(run / "metrics.json") as f:
         assert json.load(f)["loss"] == full["loss"]
+    # A checkpoint of another model (e.g. a preset changed since) is refused in one line.
+    with open(run / "config.json") as f:
+        saved = json.load(f)
+    saved["model"]["n_layers"] = 4
+    with open(run / "config.json", "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(UsageError, match=r"--resume: the checkpoint's model differs from this run's: n_layers=4 \(now 3\)"):
+        loop.train(_cfg(tokens, str(run), 7, resume=True))
 
 
 def test_resume_and_overwrite_are_refused(tokens, tmp_path):

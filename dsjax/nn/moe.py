@@ -290,10 +290,21 @@ def tie_expert_replica_grads(model: nnx.Module, grads: nnx.State) -> nnx.State:
     if not any(m.phy2log is not None for _, m in layers):
         return grads
 
+    tied = []
+
     def tie(path, g):
         i = routed_weight_owner(key_path(path), layers)
         if i is None or layers[i][1].phy2log is None:
             return g
+        tied.append(i)
         return tie_replica_grads(g, layers[i][1].phy2log[...])
 
-    return jax.tree_util.tree_map_with_path(tie, grads)
+    out = jax.tree_util.tree_map_with_path(tie, grads)
+    # Untied replicas would drift apart silently: every replicated layer's three weights must
+    # have been found (grads of another module or filter than the model's parameters are not).
+    want = 3 * sum(m.phy2log is not None for _, m in layers)
+    if len(tied) != want:
+        raise ValueError(f"tie_expert_replica_grads: grads must be the gradient state of model's "
+                         f"parameters; found {len(tied)} of the {want} routed-weight gradients of its "
+                         f"layers with redundant experts")
+    return out

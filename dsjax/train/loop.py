@@ -115,11 +115,13 @@ _RESUME_FIXED = ("preset", "batch_size", "seq_len", "lr", "warmup", "weight_deca
 _BEFORE_OPTION = {"fp8": False, "schedule": "dualpipe", "microbatches": 4, "redundant_experts": 0}
 
 
-def _check_resume(cfg: TrainConfig, conf_path: str) -> None:
-    """Refuses to resume with options that would make the continuation differ from the run."""
+def _check_resume(cfg: TrainConfig, conf_path: str, mcfg=None) -> None:
+    """Refuses to resume with options that would make the continuation differ from the run, or
+    into a model that differs from the checkpoint's (e.g. a preset changed by a dsjax upgrade)."""
     try:
         with open(conf_path) as f:
-            old = json.load(f)["train"]
+            saved = json.load(f)
+        old = saved["train"]
     except (OSError, ValueError, KeyError):
         raise UsageError(f"--resume: {conf_path} is missing or unreadable") from None
     now = dataclasses.asdict(cfg)
@@ -127,6 +129,12 @@ def _check_resume(cfg: TrainConfig, conf_path: str) -> None:
     diff = [f"{k}={old.get(k)!r} (now {now[k]!r})" for k in _RESUME_FIXED if old.get(k) != now[k]]
     if diff:
         raise UsageError("--resume: the run was started with " + ", ".join(diff) + "; resume with the same options")
+    if mcfg is not None and "model" in saved:
+        model_now = json.loads(json.dumps(dataclasses.asdict(mcfg)))
+        changed = [f"{k}={saved['model'].get(k)!r} (now {v!r})" for k, v in model_now.items()
+                   if saved["model"].get(k) != v]
+        if changed:
+            raise UsageError("--resume: the checkpoint's model differs from this run's: " + ", ".join(changed))
 
 
 def _optimizer(cfg: TrainConfig):
@@ -247,7 +255,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
                          f"slots (--redundant-experts {mcfg.n_redundant_experts})")
     conf_path = os.path.join(cfg.out, "config.json")
     if cfg.resume:
-        _check_resume(cfg, conf_path)
+        _check_resume(cfg, conf_path, mcfg)
     os.makedirs(cfg.out, exist_ok=True)
     with open(conf_path, "w") as f:
         json.dump({"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(cfg)}, f, indent=1)
