@@ -363,3 +363,46 @@ def test_explicit_axes_shard_at_trace_time():
     coll = _collectives(hlo)
     assert len(coll) == 1 and "all-reduce" in coll[0] and "f32[256,192]" in coll[0], coll
     _same(q, jax.jit(_tok)(x[:512].T))
+
+
+def test_eager_calls_reuse_one_jitted_op_and_follow_the_kernel_environment(monkeypatch):
+    """Eager calls (no tracer) run a cached jit of the partitioned op, keyed by the op's static
+    parameters and the DSJAX_* environment; results equal the traced call bit for bit."""
+    from dsjax.deep_gemm import partition
+
+    a, b = _tok(_rand(1, (64, 256))), _blk(_rand(2, (128, 256)))
+    partition._EAGER.clear()
+    first = dg.fp8_gemm_nt(a, b, out_dtype=jnp.float32, implementation="cpu")
+    keys = set(partition._EAGER)
+    assert len(keys) == 1, keys  # the operands were quantized before the clear: one GEMM op
+    again = dg.fp8_gemm_nt(a, b, out_dtype=jnp.float32, implementation="cpu")
+    assert set(partition._EAGER) == keys
+    _same(first, again)
+    traced = jax.jit(lambda a, b: dg.fp8_gemm_nt(a, b, out_dtype=jnp.float32,
+                                                 implementation="cpu"))(a, b)
+    _same(first, traced)
+    dg.fp8_gemm_nt(a, b, out_dtype=jnp.bfloat16, implementation="cpu")
+    assert len(partition._EAGER) == len(keys) + 1  # another out dtype is another op
+    monkeypatch.setenv("DSJAX_TEST_ENV_KEY", "1")
+    dg.fp8_gemm_nt(a, b, out_dtype=jnp.float32, implementation="cpu")
+    assert len(partition._EAGER) == len(keys) + 2  # a changed DSJAX_* environment re-traces
+
+
+def test_ffi_gemms_capture_no_constants():
+    """A constant captured by an FFI wrapper becomes an extra operand of the op's
+    custom_partitioning, which jaxlib 0.11.2 crashes on (SIGSEGV compiling inside shard_map).
+    The absent accumulator of every GEMM must therefore be built in the trace."""
+    from dsjax.deep_gemm import _gemm_ffi
+
+    a, b1 = _tok(_rand(1, (64, 256))), _tok(_rand(2, (128, 256)))
+    b2 = _blk(_rand(2, (128, 256)))
+    gks = jnp.array([128, 128], jnp.int32)
+    calls = {
+        "dense": (lambda a, b, g: _gemm_ffi.fp8_gemm_nt(a, b, None, jnp.float32, False), b2),
+        "1d1d": (lambda a, b, g: _gemm_ffi.fp8_gemm_nt(a, b, None, jnp.float32, True), b1),
+        # [m, K] x [n, K], K = 256 in two groups of 128
+        "k_grouped": (lambda a, b, g: _gemm_ffi.k_grouped_contiguous(a, b, g, None), b1),
+    }
+    for name, (fn, b) in calls.items():
+        closed = jax.make_jaxpr(fn)(a, b, gks)
+        assert not closed.consts, (name, [getattr(c, "shape", c) for c in closed.consts])

@@ -130,21 +130,27 @@ def call(
     # Inside jax.shard_map an FFI call's results are typed as varying over no manual mesh axis,
     # which custom_vjp's type check and collectives reject; a per-device kernel's results vary
     # wherever its operands do.
-    vma = set().union(*(_varying_axes(a) for a in args)) if args else set()
+    vma = set().union(*(varying_axes(a) for a in args)) if args else set()
     if not vma:
         return res
 
     def fix(r: Any) -> Any:
-        missing = tuple(sorted(vma - _varying_axes(r), key=str))
-        return jax.lax.pcast(r, missing, to="varying") if missing else r
+        return vary_to(r, vma)
 
     return type(res)(fix(r) for r in res) if isinstance(res, (tuple, list)) else fix(res)
 
 
-def _varying_axes(x: Any) -> set:
+def varying_axes(x: Any) -> set:
     """Mesh axes over which ``x`` varies inside ``jax.shard_map`` (empty outside)."""
     aval = jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)
     if mat is not None:
         return set(getattr(mat, "varying", ()) or ())
     return set(getattr(aval, "vma", None) or ())
+
+
+def vary_to(x: Any, axes: Any) -> Any:
+    """``x`` cast to vary over every mesh axis of ``axes`` (only the missing ones are cast;
+    a no-op outside ``jax.shard_map`` or when nothing is missing)."""
+    missing = tuple(sorted(set(axes) - varying_axes(x), key=str))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x

@@ -23,17 +23,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsjax._src import ffi
 
 Pair = tuple[jax.Array, jax.Array]
 
-_NO_C = np.zeros((0,), np.float32)
-
 
 def _c_arg(c: jax.Array | None) -> tuple[jax.Array, bool]:
-    return (jnp.asarray(_NO_C), False) if c is None else (c.astype(jnp.float32), True)
+    # The absent accumulator is an empty operand built in the trace (jnp.zeros), not a captured
+    # numpy constant: a captured constant becomes an extra operand of the op's
+    # custom_partitioning, which XLA (jaxlib 0.11.2) crashes on compiling inside shard_map.
+    return (jnp.zeros((0,), jnp.float32), False) if c is None else (c.astype(jnp.float32), True)
 
 
 KERNEL_ENV = "DSJAX_DEEP_GEMM_KERNEL"

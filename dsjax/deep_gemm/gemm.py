@@ -134,7 +134,8 @@ def _dense_ffi(aq: jax.Array, sa: jax.Array, bq: jax.Array, sb: jax.Array, c: ja
         return (total + cc[0] if cc else total).astype(dt)
 
     layout = partition.gemm_layout("dense", c is not None, n_blocked=not per_row)
-    return partition.partitioned(layout, local, partial=partial, finish=finish)(aq, sa, bq, sb, *cc)
+    return partition.partitioned(layout, local, partial=partial, finish=finish,
+                                 key=("dense", dt, per_row))(aq, sa, bq, sb, *cc)
 
 
 def _grouped_ffi(kind: str, fn: Any, aq: jax.Array, sa: jax.Array, bq: jax.Array, sb: jax.Array,
@@ -151,7 +152,7 @@ def _grouped_ffi(kind: str, fn: Any, aq: jax.Array, sa: jax.Array, bq: jax.Array
         return total.astype(dt)
 
     return partition.partitioned(partition.gemm_layout(kind, False), local, partial=partial,
-                                 finish=finish)(aq, sa, bq, sb, rows)
+                                 finish=finish, key=(kind, fn, dt))(aq, sa, bq, sb, rows)
 
 
 def fp8_gemm_nt(a: Fp8Pair, b: Fp8Pair, *, c: jax.Array | None = None,
@@ -363,5 +364,5 @@ def k_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair,
     def local(aq, sa, bq, sb, gk, *cc):
         return _gemm_ffi.k_grouped_contiguous((aq, sa), (bq, sb), gk, cc[0] if cc else None)
 
-    return partition.partitioned(partition.gemm_layout("k_grouped", c is not None), local)(
-        aq, sa, bq, sb, group_ks, *cc)
+    return partition.partitioned(partition.gemm_layout("k_grouped", c is not None), local,
+                                 key="k_grouped")(aq, sa, bq, sb, group_ks, *cc)

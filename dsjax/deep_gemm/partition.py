@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -209,10 +210,26 @@ def sharding_rule(layout: Layout, shapes: Sequence[tuple[int, ...]]) -> tuple[st
     return rule, kw
 
 
+# Eager calls: one jitted op per (layout, key, DSJAX_* environment), reused across calls.
+_EAGER: dict[Any, Callable[..., Any]] = {}
+_EAGER_MAX = 256
+
+
+def _is_eager(args: Sequence[Any]) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in args)
+
+
+def _env_key() -> tuple[tuple[str, str], ...]:
+    # Kernel selection (DSJAX_DEEP_GEMM_KERNEL, ...) is read at trace time: a cached executable
+    # must not outlive a change of it.
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("DSJAX_")))
+
+
 def partitioned(layout: Layout, local: Callable[..., Any], *,
                 partial: Callable[..., Any] | None = None,
                 finish: Callable[..., Any] | None = None,
-                vmap_rule: Callable[..., Any] | None = None) -> Callable[..., Any]:
+                vmap_rule: Callable[..., Any] | None = None,
+                key: Any = None) -> Callable[..., Any]:
     """Wraps the per-device function ``local(*operands)`` as a partitioned op.
 
     Args:
@@ -224,18 +241,45 @@ def partitioned(layout: Layout, local: Callable[..., Any], *,
             (adds the accumulator, casts).
         vmap_rule: ``vmap_rule(axis_size, in_batched, *operands) -> (out, out_batched)``; by
             default the unpartitioned ``local`` is vmapped (a loop for the GEMMs).
+        key: hashable; when given, it must determine ``local``, ``partial``, ``finish`` and
+            ``vmap_rule`` completely (everything their closures capture). Eager calls (no
+            tracer among the operands) then run one ``jax.jit`` of the op cached under
+            ``(layout, key)`` instead of re-tracing and re-wrapping it on every call (about
+            1 ms of Python per call); traced calls are unaffected.
 
     Returns:
         A function of the operands with ``local``'s results.
     """
+    call = _partitioned(layout, local, partial, finish, vmap_rule)
+    if key is None:
+        return call
+
+    def maybe_cached(*args: jax.Array) -> Any:
+        if not _is_eager(args):
+            return call(*args)
+        k = (layout, key, _env_key())
+        fn = _EAGER.get(k)
+        if fn is None:
+            if len(_EAGER) >= _EAGER_MAX:
+                _EAGER.clear()
+            fn = _EAGER[k] = jax.jit(call)
+        return fn(*args)
+
+    return maybe_cached
+
+
+def _partitioned(layout: Layout, local: Callable[..., Any], partial: Callable[..., Any] | None,
+                 finish: Callable[..., Any] | None,
+                 vmap_rule: Callable[..., Any] | None) -> Callable[..., Any]:
     multi = len(layout.results) > 1
 
     def call(*args: jax.Array) -> Any:
         explicit = _explicit_specs(args)
         if explicit is not None:
             return _explicit_call(layout, explicit, args, local, partial, finish, multi)
-        # custom_partitioning refuses bodies that capture constants (the FFI wrappers' empty
-        # placeholder for an absent accumulator is one): trace once and pass them as operands.
+        # custom_partitioning refuses bodies that capture constants: trace once and pass any as
+        # operands. (None of ours captures one, and none should: jaxlib 0.11.2's compiler crashes
+        # on such an extra operand inside shard_map; tests check the GEMMs' traces.)
         closed = jax.make_jaxpr(local)(*args)
         consts = tuple(jnp.asarray(c) for c in closed.consts)
         lay = layout

@@ -50,7 +50,7 @@ def _ffi_cast(kind: str, x: jax.Array, use_ue8m0: bool) -> tuple[jax.Array, jax.
         return _ffi_cast(kind, x, use_ue8m0), (True, True)
 
     return partition.partitioned(partition.quant_layout(kind, x.ndim), local,
-                                 vmap_rule=vmap_rule)(x)
+                                 vmap_rule=vmap_rule, key=(kind, use_ue8m0))(x)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax._src import checks, dispatch
-from dsjax._src.ffi import _varying_axes
+from dsjax._src.ffi import varying_axes, vary_to
 from dsjax.deep_gemm import gemm, quant
 
 GROUP = gemm.GROUP
@@ -65,13 +65,8 @@ def _vary_alike(*xs: jax.Array) -> tuple[jax.Array, ...]:
     activations varies over their axes, so a replicated weight is marked varying here, and the
     transpose of that cast sums its gradient over those axes. Outside shard_map: a no-op.
     """
-    axes = [_varying_axes(x) for x in xs]
-    union = set().union(*axes)
-    out = []
-    for x, have in zip(xs, axes):
-        missing = tuple(sorted(union - have, key=str))
-        out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
-    return tuple(out)
+    union = set().union(*(varying_axes(x) for x in xs))
+    return tuple(vary_to(x, union) for x in xs)
 
 
 # ---------------------------------------------------------------- dense
