@@ -140,14 +140,19 @@ ffi::Error RouteCuda(cudaStream_t st, ffi::AnyBuffer idx, ffi::AnyBuffer w, ffi:
   DSJAX_RETURN_IF_ERROR(ExpectDims(op, "send_src", send_src->dimensions(), {d_count * cap}));
   DSJAX_RETURN_IF_ERROR(ExpectDims(op, "send_idx", send_idx->dimensions(), {d_count * cap, k}));
   DSJAX_RETURN_IF_ERROR(ExpectDims(op, "send_w", send_w->dimensions(), {d_count * cap, k}));
-  if (d_count > 0x7FFFFFFF) return InvalidArgument(op, ": too many destinations");
+  // num_dropped is written as one int32; the send metadata grid is one thread per (slot, k).
+  DSJAX_RETURN_IF_ERROR(ExpectType(op, "num_dropped", num_dropped->element_type(), ffi::DataType::S32));
+  DSJAX_RETURN_IF_ERROR(ExpectDims(op, "num_dropped", num_dropped->dimensions(), {}));
+  if (d_count > 0x7FFFFFFF || Blocks(d_count * cap * k, 256) > 0x7FFFFFFF)
+    return InvalidArgument(op, ": too many destinations or send slots for the CUDA grid (num_dests=", d_count,
+                           ", capacity=", cap, ", topk=", k, ")");
   const int32_t* ids = static_cast<const int32_t*>(idx.untyped_data());
   int32_t* red = static_cast<int32_t*>(reduce_idx->untyped_data());
   int32_t* src = static_cast<int32_t*>(send_src->untyped_data());
   int32_t* drop = static_cast<int32_t*>(num_dropped->untyped_data());
-  cudaMemsetAsync(red, 0xFF, sizeof(int32_t) * t * d_count, st);
-  cudaMemsetAsync(src, 0xFF, sizeof(int32_t) * d_count * cap, st);
-  cudaMemsetAsync(drop, 0, sizeof(int32_t), st);
+  DSJAX_RETURN_IF_ERROR(Status(cudaMemsetAsync(red, 0xFF, sizeof(int32_t) * t * d_count, st), op));
+  DSJAX_RETURN_IF_ERROR(Status(cudaMemsetAsync(src, 0xFF, sizeof(int32_t) * d_count * cap, st), op));
+  DSJAX_RETURN_IF_ERROR(Status(cudaMemsetAsync(drop, 0, sizeof(int32_t), st), op));
   ScanKernel<<<static_cast<unsigned>(d_count), kScanThreads, 0, st>>>(ids, t, k, per_dest, d_count, cap, red, src,
                                                                       drop, nullptr, nullptr);
   const int64_t n = d_count * cap * k;
@@ -177,9 +182,10 @@ ffi::Error LayoutCuda(cudaStream_t st, ffi::AnyBuffer idx, ffi::Result<ffi::AnyB
   int32_t* pr = static_cast<int32_t*>(per_rank->untyped_data());
   int32_t* pn = static_cast<int32_t*>(per_node->untyped_data());
   int32_t* pe = static_cast<int32_t*>(per_expert->untyped_data());
-  cudaMemsetAsync(pr, 0, sizeof(int32_t) * num_ranks, st);
-  cudaMemsetAsync(pn, 0, sizeof(int32_t) * nodes, st);
-  cudaMemsetAsync(pe, 0, sizeof(int32_t) * num_experts, st);
+  DSJAX_RETURN_IF_ERROR(Status(cudaMemsetAsync(pr, 0, sizeof(int32_t) * num_ranks, st), op));
+  DSJAX_RETURN_IF_ERROR(Status(cudaMemsetAsync(pn, 0, sizeof(int32_t) * nodes, st), op));
+  DSJAX_RETURN_IF_ERROR(Status(cudaMemsetAsync(pe, 0, sizeof(int32_t) * num_experts, st), op));
+  if (Blocks(t, 256) > 0x7FFFFFFF) return InvalidArgument(op, ": too many tokens for the CUDA grid (", t, ")");
   if (t > 0)
     LayoutKernel<<<Blocks(t, 256), 256, 0, st>>>(static_cast<const int32_t*>(idx.untyped_data()), t, k, num_experts,
                                                  num_ranks, ranks_per_node, pr, pn, pe,
@@ -199,8 +205,8 @@ ffi::Error LlLayoutCuda(cudaStream_t st, ffi::AnyBuffer idx, ffi::Result<ffi::An
   DSJAX_RETURN_IF_ERROR(ExpectDims(op, "pos", pos->dimensions(), {m, k}));
   int32_t* src = static_cast<int32_t*>(src_row->untyped_data());
   int32_t* ps = static_cast<int32_t*>(pos->untyped_data());
-  cudaMemsetAsync(src, 0xFF, sizeof(int32_t) * l * m, st);
-  cudaMemsetAsync(ps, 0xFF, sizeof(int32_t) * m * k, st);
+  DSJAX_RETURN_IF_ERROR(Status(cudaMemsetAsync(src, 0xFF, sizeof(int32_t) * l * m, st), op));
+  DSJAX_RETURN_IF_ERROR(Status(cudaMemsetAsync(ps, 0xFF, sizeof(int32_t) * m * k, st), op));
   // Room for every row in every expert (cap = m): nothing is dropped.
   ScanKernel<<<static_cast<unsigned>(l), kScanThreads, 0, st>>>(static_cast<const int32_t*>(idx.untyped_data()), m,
                                                                 k, 1, l, m, nullptr, src, nullptr, ps,

@@ -365,21 +365,38 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   p.scale_log2 = softmax_scale * 1.4426950408889634f;
   p.causal = causal && s.s_q > 1;
   if (s.b == 0 || s.s_q == 0 || s.h_q == 0) return ffi::Error::Success();
-  cudaMemsetAsync(p.out, 0, s.b * s.s_q * s.h_q * kDV * 2, stream);
-  FillKernel<<<64, 256, 0, stream>>>(p.lse, s.b * s.h_q * s.s_q, INFINITY);
-  FillKernel<<<64, 256, 0, stream>>>(p.lacc, s.accum_rows * s.h_kv * s.m, -INFINITY);
-  cudaError_t err = cudaFuncSetAttribute(DecodeKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         kSmemBytes);
+  // The kernels read q and the cache with 16-byte vector loads / cp.async and store the outputs in
+  // 4- and 8-byte pairs; XLA's buffers are aligned far beyond that, but a misaligned access would
+  // poison the whole CUDA context, so it is refused here instead.
+  const auto misaligned = [](const void* ptr, uintptr_t a) {
+    return reinterpret_cast<uintptr_t>(ptr) % a != 0;
+  };
+  if (misaligned(p.q, 16) || misaligned(p.kc, 16) || misaligned(p.out, 4) || misaligned(p.oacc, 8))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "flash_mla: q and k_cache must be 16-byte aligned, out 4-byte and out_accum "
+                      "8-byte aligned (the CUDA kernel's vector accesses)");
+  const int64_t m_tiles = (s.m + kRows - 1) / kRows;
+  const int64_t combine_blocks = s.b * s.h_kv;
+  if (s.num_parts > 0x7FFFFFFF || s.h_kv > 65535 || m_tiles > 65535 || combine_blocks > 0x7FFFFFFF)
+    return InvalidArgument("flash_mla: problem too large for the CUDA grid (num_sm_parts=",
+                           s.num_parts, ", h_kv=", s.h_kv, " (at most 65535), ceil(s_q * h_q / h_kv / 64)=",
+                           m_tiles, " (at most 65535), b * h_kv=", combine_blocks, ")");
+  cudaError_t err = cudaMemsetAsync(p.out, 0, s.b * s.s_q * s.h_q * kDV * 2, stream);
+  if (err == cudaSuccess) {
+    FillKernel<<<64, 256, 0, stream>>>(p.lse, s.b * s.h_q * s.s_q, INFINITY);
+    FillKernel<<<64, 256, 0, stream>>>(p.lacc, s.accum_rows * s.h_kv * s.m, -INFINITY);
+    err = cudaFuncSetAttribute(DecodeKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  }
   if (err == cudaSuccess) {
     dim3 grid(static_cast<unsigned>(s.num_parts), static_cast<unsigned>(s.h_kv),
-              static_cast<unsigned>((s.m + kRows - 1) / kRows));
+              static_cast<unsigned>(m_tiles));
     DecodeKernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
-    CombineKernel<<<static_cast<unsigned>(s.b * s.h_kv), kThreads, 0, stream>>>(p);
+    CombineKernel<<<static_cast<unsigned>(combine_blocks), kThreads, 0, stream>>>(p);
     err = cudaGetLastError();
   }
   if (err != cudaSuccess)
     return ffi::Error(ffi::ErrorCode::kInternal,
-                      StrCat("flash_mla: CUDA launch failed: ", cudaGetErrorString(err)));
+                      StrCat("dsjax_flash_mla_decode: CUDA error: ", cudaGetErrorString(err)));
   return ffi::Error::Success();
 }
 
