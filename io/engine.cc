@@ -16,7 +16,9 @@
 // pay about what pread costs. A background thread at nice 19 therefore populates each new
 // mapping's cached pages (mincore, then MADV_POPULATE_READ on resident runs only: never disk I/O)
 // ~9 ms per 100 MiB here, in 2 MiB steps so that closing a file waits for at most one step.
-// Without MADV_POPULATE_READ (Linux < 5.14) pages are simply faulted in on first use.
+// Without MADV_POPULATE_READ (Linux < 5.14: EINVAL) it reads one byte per resident page instead,
+// under the SIGBUS guard (engine_maps.cc). At most Engine::max_maps() files are mapped at once
+// (each mapping is a VMA counted against vm.max_map_count); engine_maps.cc manages that cap.
 //
 // Batches that are not served from the mappings (and kinds "pread" / "io_uring"): before handing a
 // batch to the pool or the ring, the calling thread tries every read with preadv2(RWF_NOWAIT),
@@ -39,6 +41,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -66,10 +69,18 @@ bool PreadOne(const ReadOp& op, int64_t index, ReadFailure* failure) {
   return true;
 }
 
-Engine::Engine(int threads, const std::string& kind, unsigned queue_depth, int64_t align)
+Engine::Engine(int threads, const std::string& kind, unsigned queue_depth, int64_t align, int64_t max_maps)
     : kind_(kind), align_(align), pool_(std::max(0, threads - 1)), nowait_(align == 0), owner_pid_(getpid()) {
   if (align < 0 || (align & (align - 1)) != 0) {
     throw std::invalid_argument("align must be 0 or a power of two, got " + std::to_string(align));
+  }
+  if (max_maps < 0) {
+    throw std::invalid_argument("max_mapped_files must be >= 0 (0: the default), got " + std::to_string(max_maps));
+  }
+  if (pool_.start_error() != 0) {  // the pool joined the threads it had started
+    throw std::runtime_error("could not start " + std::to_string(threads - 1) + " reader threads: " +
+                             std::strerror(pool_.start_error()) +
+                             " (RLIMIT_NPROC, the cgroup's pids.max or the address space); use fewer threads");
   }
   if (kind == "io_uring") {
     uring_ = Uring::Create(std::max(1u, queue_depth));
@@ -89,11 +100,24 @@ Engine::Engine(int threads, const std::string& kind, unsigned queue_depth, int64
   } else {
     throw std::invalid_argument("kind must be 'auto', 'mmap', 'pread' or 'io_uring', got '" + kind + "'");
   }
+  if (mmap_) {
+    max_maps_ = max_maps > 0 ? max_maps : DefaultMaxMappedFiles();
+    // Started here, not on the first MapFile: a failure is then this constructor's error, before
+    // the caller has opened any file, instead of an exception in the middle of registering one.
+    pop_.reset(new Populator());
+    try {
+      pop_->thread = std::thread([this] { PopulateLoop(); });
+    } catch (const std::system_error& e) {
+      throw std::runtime_error(std::string("could not start the mmap engine's page-table thread: ") + e.what() +
+                               "; use kind='pread'");
+    }
+  }
 }
 
 Engine::~Engine() {
   if (getpid() == owner_pid_) {
-    if (pop_->thread.joinable()) {
+    if (lock_holder_.joinable()) lock_holder_.join();
+    if (pop_ && pop_->thread.joinable()) {
       {
         std::lock_guard<std::mutex> lock(pop_->mu);
         pop_->stop.store(true);
@@ -101,111 +125,48 @@ Engine::~Engine() {
       pop_->cv.notify_all();
       pop_->thread.join();
     }
-    delete pop_;
-  }  // else: a forked child, without the parent's thread; pop_ is leaked (see engine.h)
-  for (Mapping* m : maps_) delete m;  // no lock: nobody else can use a dying engine
+  } else {
+    // A forked child, without the parent's threads: leaked, never joined (see engine.h).
+    (void)pop_.release();
+    if (lock_holder_.joinable()) new (std::nothrow) std::thread(std::move(lock_holder_));
+  }
+  for (Slot& s : slots_) delete s.map;  // no lock: nobody else can use a dying engine
 }
 
-void Engine::PopulateLoop() {
-#ifndef MADV_POPULATE_READ
-  return;
-#else
-  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);  // only spare CPU time
-  const long page_l = sysconf(_SC_PAGESIZE);
-  const size_t page = static_cast<size_t>(page_l > 0 ? page_l : 4096);
-  constexpr size_t kStepPages = 512;
-  std::vector<unsigned char> vec(kStepPages);
-  for (;;) {
-    std::pair<int, const Mapping*> job;
-    {
-      std::unique_lock<std::mutex> lock(pop_->mu);
-      pop_->cv.wait(lock, [this] { return pop_->stop.load() || !pop_->queue.empty(); });
-      if (pop_->stop.load()) return;
-      job = pop_->queue.front();
-      pop_->queue.pop_front();
-    }
-    for (size_t off = 0;; off += kStepPages * page) {
-      if (pop_->stop.load(std::memory_order_relaxed)) return;
-      std::shared_lock<std::shared_mutex> lock(maps_mu_);
-      const int fd = job.first;
-      const Mapping* m = static_cast<size_t>(fd) < maps_.size() ? maps_[fd] : nullptr;
-      if (m != job.second || off >= static_cast<size_t>(m->size())) break;  // unmapped, replaced or done
-      const uint8_t* base = m->data() + off;
-      const size_t len = std::min(kStepPages * page, static_cast<size_t>(m->size()) - off);
-      const size_t pages = (len + page - 1) / page;
-      if (mincore(const_cast<uint8_t*>(base), len, vec.data()) != 0) break;
-      for (size_t k = 0; k < pages;) {
-        if ((vec[k] & 1) == 0) {
-          ++k;
-          continue;
-        }
-        size_t j = k;
-        while (j < pages && (vec[j] & 1) != 0) ++j;
-        // Errors (EINVAL: kernel too old; EFAULT: file truncated) just end the population.
-        if (madvise(const_cast<uint8_t*>(base) + k * page, std::min(j * page, len) - k * page, MADV_POPULATE_READ) != 0 &&
-            errno != EINTR && errno != EAGAIN) {
-          if (errno == EINVAL) return;
-          off = static_cast<size_t>(m->size());
-          break;
-        }
-        k = j;
-      }
-    }
-  }
-#endif
-}
-
-bool Engine::MapFile(int fd) {
-  // A forked child never touches the mappings' lock: the parent may have held it at fork time
-  // (a reader, or the population thread that does not exist in the child); it reads by pread.
-  if (!mmap_ || fd < 0 || getpid() != owner_pid_) return false;
-  auto* m = new Mapping(fd);
-  if (m->data() == nullptr) {
-    delete m;
-    // Drop a stale mapping of a descriptor number closed without UnmapFile: reads of this fd
-    // must go to pread, never to the old file's bytes.
-    std::unique_lock<std::shared_mutex> lock(maps_mu_);
-    if (static_cast<size_t>(fd) < maps_.size()) {
-      delete maps_[fd];
-      maps_[fd] = nullptr;
-    }
-    return false;
-  }
-  std::unique_lock<std::shared_mutex> lock(maps_mu_);
-  if (maps_.size() <= static_cast<size_t>(fd)) maps_.resize(static_cast<size_t>(fd) + 1, nullptr);
-  delete maps_[fd];  // a stale mapping of a descriptor number closed without UnmapFile
-  maps_[fd] = m;
-  lock.unlock();
-  if (getpid() == owner_pid_) {
-    {
-      std::lock_guard<std::mutex> pop_lock(pop_->mu);
-      if (!pop_->thread.joinable()) pop_->thread = std::thread([this] { PopulateLoop(); });
-      pop_->queue.emplace_back(fd, m);
-    }
-    pop_->cv.notify_one();
-  }
-  return true;
-}
-
-void Engine::UnmapFile(int fd) {
-  if (getpid() != owner_pid_) return;  // a forked child: see MapFile; ~Engine frees the mappings
-  std::unique_lock<std::shared_mutex> lock(maps_mu_);
-  if (fd >= 0 && static_cast<size_t>(fd) < maps_.size()) {
-    delete maps_[fd];
-    maps_[fd] = nullptr;
-  }
+Engine::Stats Engine::stats() const {
+  return Stats{n_mapped_.load(),     n_deferred_.load(), n_faulted_.load(),
+               n_unmapped_.load(),   n_map_failed_.load(), n_evicted_.load(),
+               n_remapped_.load(),   n_live_.load(),
+               n_populated_.load()};
 }
 
 bool Engine::ReadMapped(const Request* reqs, int64_t n, uint8_t* out, ReadFailure* failure, uint32_t* crc,
-                        bool* handled) {
+                        uint64_t tick, std::vector<int>* missing, bool* handled) {
   *handled = false;
+  // deferred[i]: 0 = copied from the mapping, 1 = not cached (pread), 2 = no usable mapping (pread).
+  std::vector<uint8_t> deferred(static_cast<size_t>(n), 0);
   std::vector<const uint8_t*> src(static_cast<size_t>(n));
+  const size_t n_slots = slots_.size();
   for (int64_t i = 0; i < n; ++i) {
     const Request& r = reqs[i];
-    const Mapping* m = static_cast<size_t>(r.fd) < maps_.size() ? maps_[r.fd] : nullptr;
-    if (m == nullptr || r.offset > m->size() || r.length > m->size() - r.offset) return true;
+    const Slot* slot = static_cast<size_t>(r.fd) < n_slots ? &slots_[r.fd] : nullptr;
+    Mapping* m = slot != nullptr ? slot->map : nullptr;
+    if (m == nullptr) {
+      if (missing != nullptr && slot != nullptr && slot->registered && !slot->failed) {
+        missing->push_back(r.fd);  // evicted earlier: the caller maps it again, then calls back
+      }
+      deferred[i] = 2;
+      continue;
+    }
+    // Compare first, and only raise: concurrent batches would otherwise keep stealing the line.
+    if (m->last_use.load(std::memory_order_relaxed) < tick) m->last_use.store(tick, std::memory_order_relaxed);
+    if (r.offset > m->size() || r.length > m->size() - r.offset) {  // past the mapped size: pread decides
+      deferred[i] = 2;
+      continue;
+    }
     src[i] = m->data() + r.offset;
   }
+  if (missing != nullptr && !missing->empty()) return true;
   // Which records to copy from the mappings: a fault on an uncached page is a synchronous disk
   // read (one per thread), so uncached records go to the pread pool instead. A residency check
   // (mincore) costs ~0.75 us, about a warm 4 KiB pread, so large records are each checked (cheap
@@ -215,9 +176,9 @@ bool Engine::ReadMapped(const Request* reqs, int64_t n, uint8_t* out, ReadFailur
   // worst ~2% of the batch, for 16 samples); they are still read correctly, at fault speed.
   constexpr int64_t kLarge = 32 << 10;
   constexpr int64_t kSample = 16;
-  std::vector<uint8_t> deferred(static_cast<size_t>(n), 0);
   int64_t small = 0;
   for (int64_t i = 0; i < n; ++i) {
+    if (deferred[i] != 0) continue;
     if (reqs[i].length >= kLarge) {
       deferred[i] = !Resident(src[i], static_cast<size_t>(reqs[i].length));
     } else {
@@ -228,18 +189,28 @@ bool Engine::ReadMapped(const Request* reqs, int64_t n, uint8_t* out, ReadFailur
     const int64_t every = std::max<int64_t>(1, small / kSample);
     bool cached = true;
     for (int64_t i = 0, k = 0; i < n && cached; ++i) {
-      if (reqs[i].length >= kLarge) continue;
+      if (deferred[i] != 0 || reqs[i].length >= kLarge) continue;
       if (k++ % every == 0) cached = Resident(src[i], static_cast<size_t>(reqs[i].length));
     }
     if (!cached) {
-      for (int64_t i = 0; i < n; ++i) deferred[i] |= reqs[i].length < kLarge;
+      for (int64_t i = 0; i < n; ++i) {
+        if (deferred[i] == 0 && reqs[i].length < kLarge) deferred[i] = 1;
+      }
     }
   }
-  int64_t n_deferred = 0;
-  for (int64_t i = 0; i < n; ++i) n_deferred += deferred[i];
-  if (n_deferred == n) return true;  // nothing cached: the pread path takes the whole batch
-  if (!EnsureSigbusGuard()) return true;  // no guard, no mapped copies: pread takes the batch
+  int64_t n_deferred = 0, n_unmapped = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    n_deferred += deferred[i] == 1;
+    n_unmapped += deferred[i] == 2;
+  }
+  const bool guard = n_deferred + n_unmapped < n && EnsureSigbusGuard();
+  if (!guard) {  // nothing to copy (or no guard, hence no mapped copies): pread takes the batch
+    n_deferred_.fetch_add(n_deferred, std::memory_order_relaxed);
+    n_unmapped_.fetch_add(n - n_deferred, std::memory_order_relaxed);
+    return true;
+  }
   *handled = true;
+  n_deferred += n_unmapped;  // from here on both kinds go the same (pread) way
 
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int helpers = static_cast<int>(std::min<int64_t>({pool_.size(), cores - 1, (n - n_deferred) / 64}));
@@ -276,7 +247,8 @@ bool Engine::ReadMapped(const Request* reqs, int64_t n, uint8_t* out, ReadFailur
   int64_t n_faulted = 0;
   for (int64_t i = 0; i < n; ++i) n_faulted += faulted[i];
   n_mapped_.fetch_add(n - n_deferred, std::memory_order_relaxed);
-  n_deferred_.fetch_add(n_deferred, std::memory_order_relaxed);
+  n_deferred_.fetch_add(n_deferred - n_unmapped, std::memory_order_relaxed);
+  n_unmapped_.fetch_add(n_unmapped, std::memory_order_relaxed);
   n_faulted_.fetch_add(n_faulted, std::memory_order_relaxed);
 
   // The uncached records: the pread path (RWF_NOWAIT first, then the pool), many in flight.
@@ -413,12 +385,23 @@ bool Engine::RunDeferred(const ReadOp* ops, int64_t n, ReadFailure* failure) {
 
 bool Engine::Read(const Request* reqs, int64_t n, uint8_t* out, ReadFailure* failure, uint32_t* crc) {
   if (n <= 0) return true;
-  if (mmap_ && getpid() == owner_pid_) {  // a forked child reads by pread (see MapFile)
-    std::shared_lock<std::shared_mutex> lock(maps_mu_);  // mappings stay valid for the whole batch
-    bool handled = false;
-    const bool ok = ReadMapped(reqs, n, out, failure, crc, &handled);
-    if (handled) return ok;
-    n_deferred_.fetch_add(n, std::memory_order_relaxed);
+  if (mmap_ && getpid() == owner_pid_) {
+    const uint64_t tick = clock_.fetch_add(1, std::memory_order_relaxed) + 1;
+    std::vector<int> missing;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      bool handled = false;
+      {
+        std::shared_lock<std::shared_mutex> lock(maps_mu_);  // mappings stay valid for the whole batch
+        const bool ok = ReadMapped(reqs, n, out, failure, crc, tick, attempt == 0 ? &missing : nullptr, &handled);
+        if (handled) return ok;
+      }
+      if (missing.empty()) break;  // counted by ReadMapped: the pread path takes the whole batch
+      MapMissing(&missing, tick);  // evicted files of this batch, mapped again (exclusive lock)
+    }
+  } else if (mmap_) {
+    // A forked child never touches the mappings' lock: the parent may have held it at fork time
+    // (a reader, the population thread or a map/unmap) and that thread does not exist here.
+    n_unmapped_.fetch_add(n, std::memory_order_relaxed);
   }
   if (!ReadUnmapped(reqs, n, out, failure)) return false;
   if (crc != nullptr) {

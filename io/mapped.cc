@@ -1,6 +1,8 @@
 // File mappings and the SIGBUS guard (see mapped.h).
 #include "mapped.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -8,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -95,13 +98,47 @@ bool IsOurs(const struct sigaction& sa) {
   return (sa.sa_flags & SA_SIGINFO) != 0 && sa.sa_sigaction == &OnSigbus;
 }
 
+std::atomic<int64_t> g_live{0};
+
 }  // namespace
+
+int64_t LiveMappings() { return g_live.load(std::memory_order_relaxed); }
+
+int64_t DefaultMaxMappedFiles() {
+  static const int64_t cap = [] {
+    int64_t limit = 65530;  // the kernel's default vm.max_map_count
+    const int fd = open("/proc/sys/vm/max_map_count", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      char buf[32] = {0};
+      const ssize_t r = read(fd, buf, sizeof(buf) - 1);
+      close(fd);
+      if (r > 0) {
+        const long long v = std::strtoll(buf, nullptr, 10);
+        if (v > 0) limit = static_cast<int64_t>(v);
+      }
+    }
+    return std::max<int64_t>(1, limit / 2);
+  }();
+  return cap;
+}
 
 Mapping::Mapping(int fd) : fd_(fd) {
   struct stat st;
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size <= 0) return;
+  if (fstat(fd, &st) != 0) {
+    error_ = errno;
+    return;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    error_ = ENODEV;
+    return;
+  }
+  if (st.st_size <= 0) return;  // nothing to map; error_ 0
   void* p = mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) return;  // e.g. a file system without mmap, or vm.max_map_count reached
+  if (p == MAP_FAILED) {  // e.g. a file system without mmap, or vm.max_map_count reached
+    error_ = errno;
+    return;
+  }
+  g_live.fetch_add(1, std::memory_order_relaxed);
   // Records are read at random: a fault on an uncached page should read that page, not the
   // 128 KiB read-around window the kernel would otherwise fetch (fault-around of already cached
   // pages is unaffected).
@@ -111,7 +148,10 @@ Mapping::Mapping(int fd) : fd_(fd) {
 }
 
 Mapping::~Mapping() {
-  if (data_ != nullptr) munmap(const_cast<uint8_t*>(data_), static_cast<size_t>(size_));
+  if (data_ != nullptr) {
+    munmap(const_cast<uint8_t*>(data_), static_cast<size_t>(size_));
+    g_live.fetch_sub(1, std::memory_order_relaxed);
+  }
 }
 
 bool EnsureSigbusGuard() {
@@ -144,6 +184,28 @@ __attribute__((noinline)) bool GuardedCopy(uint8_t* dst, const uint8_t* src, siz
   std::memcpy(dst, src, len);
   std::atomic_signal_fence(std::memory_order_seq_cst);
   t_guard = nullptr;
+  return true;
+}
+
+__attribute__((noinline)) bool GuardedTouch(const uint8_t* p, size_t len) {
+  if (len == 0) return true;
+  Guard g;
+  const uintptr_t page = PageSize();
+  g.lo = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  g.hi = (reinterpret_cast<uintptr_t>(p) + len + page - 1) & ~(page - 1);
+  if (sigsetjmp(g.env, 0) != 0) {
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    return false;
+  }
+  t_guard = &g;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  unsigned sink = 0;
+  for (uintptr_t a = g.lo; a < g.hi; a += page) {
+    sink += *reinterpret_cast<const volatile uint8_t*>(std::max(a, reinterpret_cast<uintptr_t>(p)));
+  }
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  t_guard = nullptr;
+  asm volatile("" : : "r"(sink));
   return true;
 }
 

@@ -15,6 +15,7 @@
 // a handler installed after ours (e.g. faulthandler enabled later) is chained in turn.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -23,8 +24,10 @@ namespace dsjax_io {
 // One read-only MAP_SHARED mapping of a whole file (as large as the file was when mapped).
 class Mapping {
  public:
-  // nullptr-equivalent (data() == nullptr) when the file is empty or cannot be mapped (some
-  // FUSE / special files); the engine then reads that file with pread.
+  // data() == nullptr when the file is empty or cannot be mapped; error() then says why (the
+  // errno of fstat/mmap: ENODEV on a file system without mmap, ENOMEM when vm.max_map_count or
+  // the address space is exhausted, EACCES on a write-only fd; ENODEV for a non-regular file;
+  // 0 for an empty file). The engine then reads that file with pread. Never throws.
   explicit Mapping(int fd);
   ~Mapping();
   Mapping(const Mapping&) = delete;
@@ -33,12 +36,31 @@ class Mapping {
   int fd() const { return fd_; }
   const uint8_t* data() const { return data_; }
   int64_t size() const { return size_; }
+  int error() const { return error_; }
+
+  // Engine-wide "clock" value of the newest batch that used this mapping (the LRU key). Raised
+  // with relaxed stores by readers holding the engine's lock shared (a racing older batch may
+  // lower it again: harmless, eviction is a heuristic and batches re-check their mappings); read
+  // under the lock exclusive. On its own cache line: every record's lookup reads data_ and size_,
+  // which must not be invalidated by these stores from other cores.
+  alignas(64) std::atomic<uint64_t> last_use{0};
 
  private:
   int fd_;
   const uint8_t* data_ = nullptr;
   int64_t size_ = 0;
+  int error_ = 0;
 };
+
+// Live mappings in this process (all engines): each one is a VMA, counted against
+// vm.max_map_count together with every other mapping of the process (malloc arenas, thread
+// stacks, shared libraries, XLA's buffers).
+int64_t LiveMappings();
+
+// The default cap on mapped files, per engine and for all engines of the process together: half
+// of /proc/sys/vm/max_map_count (65530 by default -> 32765), leaving the other half to the rest
+// of the process; 32765 where that file cannot be read. At least 1.
+int64_t DefaultMaxMappedFiles();
 
 // Installs the SIGBUS handler if the current one is not ours (one sigaction query when it is).
 // False when it could not be installed: the caller must then not copy from mappings.
@@ -48,6 +70,12 @@ bool EnsureSigbusGuard();
 // (file truncated under the mapping, or an I/O error on a mapped page). EnsureSigbusGuard() must
 // have run in this process before.
 bool GuardedCopy(uint8_t* dst, const uint8_t* src, size_t len);
+
+// Reads one byte of every page of [p, p + len) under the SIGBUS guard, which makes the kernel map
+// those pages (and, by fault-around, their cached neighbours) into the page tables: the fallback
+// of MADV_POPULATE_READ on kernels older than 5.14. False if a page raised SIGBUS (the file
+// shrank). Only meant for pages known to be in the page cache: others are read from the device.
+bool GuardedTouch(const uint8_t* p, size_t len);
 
 // True when every page of [p, p + len) is in the page cache (mincore); a cheap sample decides
 // whether a batch is served from the mappings (faults on non-resident pages would be synchronous

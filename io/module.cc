@@ -63,11 +63,28 @@ void CheckRanges(const int64_t* offsets, const int64_t* lengths, const int64_t* 
   }
 }
 
+// The first mmap failure of the engine, as a RuntimeWarning naming the file and errno (once per
+// engine; Engine.stats()['map_failed'] counts them all): a file that cannot be mapped is read
+// with pread, correct but slower, and that must not go unnoticed.
+void WarnMapFailure(Engine& e) {
+  std::string path;
+  int err = 0;
+  if (!e.TakeMapFailure(&path, &err)) return;
+  const std::string msg = "dsjax.io: could not mmap " + (path.empty() ? std::string("a file") : path) + " (errno " +
+                          std::to_string(err) + ", " + std::strerror(err) +
+                          "); its records are read with pread instead (correct, slower). Further mmap failures of "
+                          "this engine are only counted, in its stats()['map_failed'].";
+  if (PyErr_WarnEx(PyExc_RuntimeWarning, msg.c_str(), 1) != 0) throw py::error_already_set();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_io, m) {
   m.doc() = "dsjax native batch-read engine (mmap fast path / pread thread pool / io_uring, optional O_DIRECT) and CRC-32";
 
+  m.def("live_mappings", &dsjax_io::LiveMappings, "File mappings held by all engines of this process.");
+  m.def("default_max_mapped_files", &dsjax_io::DefaultMaxMappedFiles,
+        "Default cap on mapped files (per engine and per process): half of /proc/sys/vm/max_map_count.");
   m.def("io_uring_available", [] { return dsjax_io::Uring::Create(8) != nullptr; },
         "True when an io_uring ring can be created and read through in this process.");
 
@@ -151,8 +168,24 @@ PYBIND11_MODULE(_io, m) {
   );
 
   py::class_<Engine>(m, "Engine")
-      .def(py::init<int, const std::string&, unsigned, int64_t>(), py::arg("threads"), py::arg("kind") = "auto",
-           py::arg("queue_depth") = 256, py::arg("align") = 0)
+      .def(py::init<int, const std::string&, unsigned, int64_t, int64_t>(), py::arg("threads"),
+           py::arg("kind") = "auto", py::arg("queue_depth") = 256, py::arg("align") = 0,
+           py::arg("max_mapped_files") = 0,
+           "max_mapped_files: kind 'mmap': most files mapped at once, least recently used unmapped\n"
+           "beyond it (0: default_max_mapped_files()). Raises RuntimeError when the reader threads\n"
+           "cannot be started (after joining those that were).")
+      .def_property_readonly("max_mapped_files", &Engine::max_maps, "The cap on mapped files (kind 'mmap'), else 0.")
+      .def_property_readonly("populate_mode", &Engine::populate_mode,
+                             "'madvise' (MADV_POPULATE_READ) or 'touch' (its fallback on kernels < 5.14).")
+      .def("_force_touch_populate", &Engine::ForceTouchPopulate, "Tests: use the fallback page-table population.")
+      .def(
+          "_hold_maps_lock",
+          [](Engine& e, double seconds) {
+            py::gil_scoped_release release;
+            return e.HoldMapsLockForTest(seconds);
+          },
+          py::arg("seconds"),
+          "Tests: a native thread holds the mappings' lock exclusively for `seconds`; returns once held.")
       .def_property_readonly("kind", &Engine::kind, "'mmap', 'pread' or 'io_uring': the backend in use.")
       .def_property_readonly("threads", &Engine::threads)
       .def_property_readonly("align", &Engine::align)
@@ -190,6 +223,7 @@ PYBIND11_MODULE(_io, m) {
               py::gil_scoped_release release;
               ok = e.Read(reqs.data(), n, out_ptr, &failure, crc_ptr);
             }
+            WarnMapFailure(e);  // a file mapped again on demand may have failed
             if (ok) return py::none();
             return py::make_tuple(failure.index, failure.err, failure.got);
           },
@@ -207,14 +241,37 @@ PYBIND11_MODULE(_io, m) {
             d["mapped"] = st.mapped;
             d["deferred"] = st.deferred;
             d["faulted"] = st.faulted;
+            d["unmapped"] = st.unmapped;
+            d["map_failed"] = st.map_failed;
+            d["evicted"] = st.evicted;
+            d["remapped"] = st.remapped;
+            d["mapped_files"] = st.mapped_files;
+            d["populated"] = st.populated;
             return d;
           },
-          "Records read so far by kind 'mmap': {'mapped': copied from the file mappings, 'deferred':\n"
-          "read by the pread path (not cached), 'faulted': mapped copies that hit SIGBUS}.")
+          "Counters of kind 'mmap'. Records: 'mapped' (copied from the file mappings), 'deferred'\n"
+          "(read by pread: not in the page cache), 'unmapped' (read by pread: no usable mapping of\n"
+          "their file: mmap failed, more files in one batch than max_mapped_files, or a forked\n"
+          "child), 'faulted' (mapped copies that hit SIGBUS). Files: 'map_failed' (mmap failures),\n"
+          "'evicted' (least recently used mappings dropped at the cap or on ENOMEM), 'remapped'\n"
+          "(evicted files mapped again on use), 'mapped_files' (now). 'populated': pages whose\n"
+          "page-table entries the background thread filled.")
       .def(
-          "map_file", [](Engine& e, int fd) { return e.MapFile(fd); }, py::arg("fd"),
-          "kind 'mmap': maps fd (read-only) for the page-cache fast path; False when the file cannot\n"
-          "be mapped (it is then read with pread). Call unmap_file(fd) before closing fd.")
+          "map_file",
+          [](Engine& e, int fd, const std::string& path) {
+            bool ok;
+            {
+              py::gil_scoped_release release;  // mmap/madvise, and waiting for batches in flight
+              ok = e.MapFile(fd, path);
+            }
+            WarnMapFailure(e);
+            return ok;
+          },
+          py::arg("fd"), py::arg("path") = "",
+          "kind 'mmap': registers fd (read-only mappings) for the page-cache fast path and maps it\n"
+          "now; False when it is not mapped now: at the cap (mapped on first use, evicting the least\n"
+          "recently used) or mmap failed (it is then read with pread; a RuntimeWarning names `path`\n"
+          "and the errno, once per engine). Call unmap_file(fd) before closing fd.")
       .def(
           "unmap_file",
           [](Engine& e, int fd) {

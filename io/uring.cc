@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 
 #if __has_include(<linux/io_uring.h>) && defined(__NR_io_uring_setup) && defined(__NR_io_uring_enter)
 #include <linux/io_uring.h>
@@ -55,23 +56,29 @@ int Enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags) {
 bool Probe(Uring* ring) {
   int fd = open("/dev/zero", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return true;  // cannot probe; the first real read will report any problem
+  struct Closer {
+    int fd;
+    ~Closer() { close(fd); }
+  } closer{fd};  // closed on every exit, a std::bad_alloc from ReadAll included
   uint8_t byte = 1;
   ReadOp op{fd, 0, 1, 1, &byte};
   ReadFailure failure;
-  bool ok = ring->ReadAll(&op, 1, &failure) && byte == 0;
-  close(fd);
-  return ok;
+  return ring->ReadAll(&op, 1, &failure) && byte == 0;
 }
 
 }  // namespace
 
 std::unique_ptr<Uring> Uring::Create(unsigned entries) {
+  // Everything that can fail to allocate comes before the ring's fd exists: from then on the
+  // fd belongs to Rings, whose destructor closes it on every return below.
+  std::unique_ptr<Uring> ring(new (std::nothrow) Uring());
+  if (!ring) return nullptr;
+  ring->r_.reset(new (std::nothrow) Rings());
+  if (!ring->r_) return nullptr;
   io_uring_params p;
   std::memset(&p, 0, sizeof(p));
   int fd = static_cast<int>(syscall(__NR_io_uring_setup, entries, &p));
   if (fd < 0) return nullptr;
-  std::unique_ptr<Uring> ring(new Uring());
-  ring->r_ = std::make_unique<Rings>();
   Rings& r = *ring->r_;
   r.fd = fd;
   r.sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);

@@ -337,3 +337,13 @@ def test_batch_buffers_are_recycled_only_when_unreferenced(tmp_path):
     again = r.read_concat(range(8))[0]
     # Unreferenced: the (still listed, hence never freed) buffer is reused.
     assert again.__array_interface__["data"][0] == addr
+
+
+def test_decreasing_offsets_found_despite_int64_overflow():
+    """Found by the fuzzer: offsets [.., 0, -2**63] made np.diff wrap to a positive step, so a
+    decreasing pair passed and a sample got a negative length (a read at a negative offset)."""
+    raw = bytearray(_valid_file([b""] * 6))
+    last = 12 + 4 * 6 + 8 * 5  # the offsets array's last entry
+    raw[last:last + 8] = struct.pack("<q", -(2**63))
+    with pytest.raises(FFRecordError, match=r"offsets decrease: sample 4 starts at 84, sample 5 at -9223372036854775808"):
+        _parse_bytes(bytes(raw), check_data=False)

@@ -13,7 +13,11 @@ file truncated under the reader into an end-of-file error) and sends the others 
 "pread" is the pread pool alone (page-cache reads tried first with ``preadv2(RWF_NOWAIT)`` on the
 calling thread); "io_uring" a ring. ``io/engine.cc`` has the measurements behind the choice.
 Mapped page-cache pages show up in the process's RSS (as shared file pages; the kernel can still
-reclaim them); use "pread" where that matters.
+reclaim them); use "pread" where that matters. At most ``max_mapped_files`` files are mapped at once
+(default: half of ``/proc/sys/vm/max_map_count``, or ``$DSJAX_IO_MAX_MAPPED_FILES``); beyond it the
+least recently used are unmapped and mapped again when read. A file that cannot be mapped is read
+with pread: a RuntimeWarning names the first such file and its errno, and the engine's ``stats()``
+counts them (``map_failed``, ``unmapped``), so the slower path never goes unnoticed.
 
 The USRBIO engine follows 3FS's Python binding ``hf3fs_py_usrbio`` (deepseek-ai/3FS,
 ``src/lib/py/usrbio_binding.cc`` and ``hf3fs_fuse/io.py``): a shared-memory buffer registered as
@@ -46,6 +50,21 @@ def _native() -> Any:
     return _io
 
 
+def default_max_mapped_files() -> int:
+    """The cap on mapped files per mmap engine: ``$DSJAX_IO_MAX_MAPPED_FILES`` if set, else half of
+    ``/proc/sys/vm/max_map_count`` (which also caps all engines of the process together)."""
+    env = os.environ.get("DSJAX_IO_MAX_MAPPED_FILES", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = -1
+        if value < 1:
+            raise ValueError(f"DSJAX_IO_MAX_MAPPED_FILES: expected a positive integer, got {env!r}")
+        return value
+    return int(_native().default_max_mapped_files())
+
+
 def default_threads() -> int:
     """Reads kept in flight by the pread pool: enough for network file systems, not hundreds."""
     return max(8, min(32, 4 * (os.cpu_count() or 1)))
@@ -60,13 +79,25 @@ class PosixEngine:
         threads: reads in flight for the pread pool (the calling thread included).
         direct: open files with O_DIRECT (page cache bypassed; reads go through aligned buffers).
         queue_depth: io_uring submission-queue size.
+        max_mapped_files: kind "mmap": most files mapped at once (least recently used ones are
+            unmapped beyond it and mapped again when read); default ``default_max_mapped_files()``.
+
+    Raises:
+        ValueError: max_mapped_files < 1.
+        RuntimeError: the reader threads cannot be started (RLIMIT_NPROC, pids.max, address space);
+            the threads already started are joined and no file is open.
     """
 
     def __init__(self, *, kind: str = "auto", threads: int | None = None, direct: bool = False,
-                 queue_depth: int = 256) -> None:
+                 queue_depth: int = 256, max_mapped_files: int | None = None) -> None:
+        if max_mapped_files is None:
+            max_mapped_files = default_max_mapped_files()
+        elif isinstance(max_mapped_files, bool) or not isinstance(max_mapped_files, (int, np.integer)) \
+                or max_mapped_files < 1:
+            raise ValueError(f"max_mapped_files: expected a positive integer or None, got {max_mapped_files!r}")
         self._direct = bool(direct)
         self._native = _native().Engine(threads or default_threads(), kind, queue_depth,
-                                        4096 if direct else 0)
+                                        4096 if direct else 0, int(max_mapped_files))
         self.name: str = self._native.kind
 
     def open_file(self, path: str) -> int:
@@ -81,8 +112,18 @@ class PosixEngine:
                               "(direct=True); open it with direct=False", path) from e
             raise
         if self.name == "mmap":
-            self._native.map_file(fd)  # False: not mappable here; that file is read with pread
+            try:
+                # False: mapped on first read (at the cap), or not mappable (read with pread; warned).
+                self._native.map_file(fd, path)
+            except BaseException:  # e.g. the warning turned into an error: the fd is still ours to close
+                self._native.unmap_file(fd)
+                os.close(fd)
+                raise
         return fd
+
+    def stats(self) -> dict[str, int]:
+        """The native engine's counters (see ``dsjax._io.Engine.stats``)."""
+        return self._native.stats()
 
     def close_file(self, fd: int) -> None:
         if self.name == "mmap":
@@ -245,7 +286,7 @@ def _usrbio_mount(paths: Sequence[str]) -> tuple[Any, str] | None:
 
 
 def open_engine(paths: Sequence[str], *, engine: str = "auto", threads: int | None = None,
-                direct: bool = False) -> PosixEngine | UsrbioEngine:
+                direct: bool = False, max_mapped_files: int | None = None) -> PosixEngine | UsrbioEngine:
     """Returns the engine for these files.
 
     Args:
@@ -255,6 +296,7 @@ def open_engine(paths: Sequence[str], *, engine: str = "auto", threads: int | No
             or "usrbio" (raises when impossible).
         threads: pread pool size (POSIX engines).
         direct: O_DIRECT reads (POSIX engines).
+        max_mapped_files: cap on mapped files of the "mmap" engine (see :class:`PosixEngine`).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -273,4 +315,4 @@ def open_engine(paths: Sequence[str], *, engine: str = "auto", threads: int | No
             raise RuntimeError("engine='usrbio' needs the hf3fs_py_usrbio module and every file on one "
                                f"3FS mount; not the case for {list(paths)[:3]}")
     return PosixEngine(kind="auto" if engine in ("auto", "usrbio") else engine, threads=threads,
-                       direct=direct)
+                       direct=direct, max_mapped_files=max_mapped_files)

@@ -123,7 +123,9 @@ def parse_header(path: str, prefix: bytes, meta: bytes, file_size: int, *,
             i = int(bad[0])
             raise FFRecordError(path, f"offset {int(offsets[i])} is beyond the end of the file ({file_size} bytes; "
                                 "truncated file?)", i)
-        dec = np.flatnonzero(np.diff(offsets) < 0)
+        # Compared, not subtracted: np.diff overflows int64 for extreme offsets (e.g. -2**63 after a
+        # large one) and would let a decreasing pair through.
+        dec = np.flatnonzero(offsets[1:] < offsets[:-1])
         if dec.size:
             i = int(dec[0])
             raise FFRecordError(path, f"offsets decrease: sample {i} starts at {int(offsets[i])}, sample {i + 1} "
@@ -265,14 +267,18 @@ class FFRecordReader:
             not cached; "pread" with ``direct``), "mmap", "pread", "io_uring" or "usrbio".
         threads: reads in flight for the pread pool (default: see ``_engine.default_threads``).
         direct: O_DIRECT reads (bypass the page cache).
+        max_mapped_files: engine "mmap": at most this many files mapped at once; the least recently
+            used are unmapped beyond it and mapped again when read (default: half of
+            ``/proc/sys/vm/max_map_count``, or ``$DSJAX_IO_MAX_MAPPED_FILES``). A file that cannot
+            be mapped is read with pread, with a RuntimeWarning naming it and its errno.
 
     The reader is thread-safe. It pickles as its arguments and reopens files in the new process;
     a reader used after ``fork`` reopens as well (the native thread pool does not survive fork).
     """
 
     def __init__(self, paths: PathLike | Sequence[PathLike], *, check_data: bool = True, engine: str = "auto",
-                 threads: int | None = None, direct: bool = False) -> None:
-        self._args = (paths, bool(check_data), engine, threads, bool(direct))
+                 threads: int | None = None, direct: bool = False, max_mapped_files: int | None = None) -> None:
+        self._args = (paths, bool(check_data), engine, threads, bool(direct), max_mapped_files)
         self.paths = resolve_paths(paths)
         self.check_data = bool(check_data)
         headers = [read_header(p, check_data=self.check_data) for p in self.paths]
@@ -282,7 +288,8 @@ class FFRecordReader:
         self._offsets = np.concatenate([h.offsets for h in headers]) if headers else np.zeros(0, np.int64)
         self._lengths = np.concatenate([h.lengths for h in headers]) if headers else np.zeros(0, np.int64)
         self._crcs = np.concatenate([h.crcs for h in headers]) if headers else np.zeros(0, np.uint32)
-        self._engine = open_engine(self.paths, engine=engine, threads=threads, direct=direct)
+        self._engine = open_engine(self.paths, engine=engine, threads=threads, direct=direct,
+                                   max_mapped_files=max_mapped_files)
         self._fds = self._open_all()
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -297,6 +304,14 @@ class FFRecordReader:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def stats(self) -> dict[str, int]:
+        """The native engine's counters in this process (``{}`` for USRBIO): where records were read
+        from ("mapped", "deferred": not cached, "unmapped": no usable mapping, "faulted") and what
+        happened to the file mappings ("map_failed", "evicted", "remapped", "mapped_files",
+        "populated"); see ``dsjax._io.Engine.stats``."""
+        stats = getattr(self._engine, "stats", None)
+        return dict(stats()) if stats is not None else {}
 
     @property
     def lengths(self) -> np.ndarray:
@@ -407,8 +422,9 @@ class FFRecordReader:
             if os.getpid() == self._pid:
                 return
             # The parent's fds are inherited and still valid, but the native pool's threads are not.
-            paths, check_data, engine, threads, direct = self._args
-            self._engine = open_engine(self.paths, engine=engine, threads=threads, direct=direct)
+            paths, check_data, engine, threads, direct, max_mapped_files = self._args
+            self._engine = open_engine(self.paths, engine=engine, threads=threads, direct=direct,
+                                       max_mapped_files=max_mapped_files)
             self._fds = self._open_all()
             self._pid = os.getpid()
 
@@ -437,8 +453,11 @@ class FFRecordReader:
         return {"args": self._args}
 
     def __setstate__(self, state: dict) -> None:
-        paths, check_data, engine, threads, direct = state["args"]
-        self.__init__(paths, check_data=check_data, engine=engine, threads=threads, direct=direct)
+        args = tuple(state["args"])
+        args += (None,) * (6 - len(args))  # pickled before max_mapped_files existed: the default
+        paths, check_data, engine, threads, direct, max_mapped_files = args
+        self.__init__(paths, check_data=check_data, engine=engine, threads=threads, direct=direct,
+                      max_mapped_files=max_mapped_files)
 
     def __repr__(self) -> str:
         return f"FFRecordReader({self.paths!r}, check_data={self.check_data})"
