@@ -308,7 +308,18 @@ def test_wgmma_target_rejects_unsupported_calls(k, per_row, match):
     with pytest.raises(Exception, match=match):
         jax.block_until_ready(ffi.call(_gemm_ffi.WGMMA_TARGET, out, aq, sa, bq, sb,
                                        jnp.zeros((0,), jnp.float32), b_per_row=per_row,
-                                       has_c=False))
+                                       has_c=False, config="b128x128"))
+
+
+@pytest.mark.gpu
+def test_wgmma_target_rejects_unknown_config():
+    rng = np.random.default_rng(9)
+    (aq, sa), (bq, sb) = _operands(rng, 32, 64, 256)
+    out = jax.ShapeDtypeStruct((32, 64), jnp.float32)
+    with pytest.raises(Exception, match=r"config must be one of b64x64, .*, got 'b1x1'"):
+        jax.block_until_ready(ffi.call(_gemm_ffi.WGMMA_TARGET, out, aq, sa, bq, sb,
+                                       jnp.zeros((0,), jnp.float32), b_per_row=False,
+                                       has_c=False, config="b1x1"))
 
 
 # Row tags: aligned groups with an empty group and -1 padding; a small (64-row) problem; and,
@@ -358,3 +369,59 @@ def test_wgmma_masked_matches_reference(wgmma, g, m_max, masked, n, k, out_dtype
         assert not d[i, cnt:].any()
         if cnt:
             _check(d[i, :cnt], xa[i, :cnt] @ xb[i].T, out_dtype, 2.0 ** -10)
+
+
+# ---------------------------------------------------------------- every configuration (GPU)
+def _masked_case(rng, g, m_max, masked, n, k):
+    a = dg.per_token_cast_to_fp8(jnp.asarray(rng.standard_normal((g, m_max, k), dtype=np.float32)))
+    return a, _grouped_b(rng, g, n, k), np.asarray(masked, np.int32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", list(_gemm_ffi.WGMMA_CONFIGS))
+def test_wgmma_config_matrix(monkeypatch, config):
+    """One configuration (forced by DSJAX_DEEP_GEMM_WGMMA_CONFIG) on every layout and tail.
+
+    Dense: more tiles than SMs (so persistent CTAs walk several tiles and the stage ring wraps
+    across tiles), m/n/k tails with odd n, k = 16, c added, bf16 and f32 out. Contiguous: -1 rows,
+    an empty group, a group of 64 rows (two groups in one 128-row tile). Masked: masked_m of 0,
+    of m_max and in between. Cluster configurations run the grouped layouts without the cluster.
+    Each case checks every output element against the float64 product (zeros where documented).
+    """
+    monkeypatch.setenv(ENV, "wgmma")
+    monkeypatch.setenv(_gemm_ffi.WGMMA_CONFIG_ENV, config)
+    rng = np.random.default_rng(sum(map(ord, config)))
+    dense = [(2048, 2176, 256, jnp.bfloat16, False), (200, 300, 1040, jnp.float32, True),
+             (333, 1, 16, jnp.float32, False), (129, 255, 4096, jnp.bfloat16, True)]
+    for m, n, k, out_dtype, with_c in dense:
+        a, b = _operands(rng, m, n, k)
+        c = rng.standard_normal((m, n), dtype=np.float32) * 10.0 if with_c else None
+        f = jax.jit(lambda a, b, c: dg.fp8_gemm_nt(a, b, c=c, out_dtype=out_dtype,
+                                                   implementation="cuda"))
+        cc = None if c is None else jnp.asarray(c)
+        text = f.lower(a, b, cc).as_text()
+        assert _gemm_ffi.WGMMA_TARGET in text and f'config = "{config}"' in text
+        want = _deq_tok(*a) @ _deq_blk(*b).T + (0.0 if c is None else c.astype(np.float64))
+        _check(f(a, b, cc), want, out_dtype, 2.0 ** -10)
+
+    tags = np.asarray([0] * 128 + [2] * 256 + [-1] * 100 + [3] * 64 + [1] * 64 + [-1] * 5,
+                      np.int32)
+    a = dg.per_token_cast_to_fp8(jnp.asarray(rng.standard_normal((tags.size, 528),
+                                                                 dtype=np.float32)))
+    b = _grouped_b(rng, 5, 330, 528)  # group 4 is empty
+    for out_dtype in (jnp.bfloat16, jnp.float32):
+        d = jax.jit(lambda a, b, mi: dg.m_grouped_fp8_gemm_nt_contiguous(
+            a, b, mi, out_dtype=out_dtype, implementation="cuda"))(a, b, jnp.asarray(tags))
+        _check(d, _want_contiguous(a, b, tags), out_dtype, 2.0 ** -10)
+        assert not np.asarray(d, np.float32)[tags < 0].any()
+
+    a, b, masked = _masked_case(rng, 4, 192, [0, 192, 70, 129], 400, 784)
+    for out_dtype in (jnp.bfloat16, jnp.float32):
+        d = np.asarray(jax.jit(lambda a, b, mm: dg.m_grouped_fp8_gemm_nt_masked(
+            a, b, mm, expected_m=192, out_dtype=out_dtype, implementation="cuda"))(
+                a, b, jnp.asarray(masked)), np.float64)
+        xa, xb = _deq_tok(*a), _deq_blk(*b)
+        for i, cnt in enumerate(masked):
+            assert not d[i, cnt:].any()
+            if cnt:
+                _check(d[i, :cnt], xa[i, :cnt] @ xb[i].T, out_dtype, 2.0 ** -10)

@@ -11,10 +11,14 @@ TFLOP/s = 2·m·n·k / t (useful rows only for the grouped GEMMs); GB/s = (m·k 
 (FP8 operands, bf16 output); ``vs_bf16`` = XLA bf16 dot time / this time.
 
 On a GPU the dense, contiguous and masked shapes are also timed with the Hopper TMA + WGMMA kernel
-(row ``cuda_wgmma``, selected through ``DSJAX_DEEP_GEMM_KERNEL=wgmma`` while it is traced) next to
-the default mma kernel (``cuda``) and XLA's bf16 dot, and the issue's target shape M=4096, N=7168,
-K=16384 is measured first, so that a short GPU session gets it. ``DSJAX_BENCH_SKIP_WGMMA=1`` leaves
-the WGMMA rows out (``scripts/gpu_check.sh`` sets it when the kernel failed its smoke run).
+(row ``cuda_wgmma``: the configuration the heuristic picks, selected through
+``DSJAX_DEEP_GEMM_KERNEL=wgmma`` while it is traced) next to the default mma kernel (``cuda``) and
+XLA's bf16 dot. The issue's target shape M=4096, N=7168, K=16384 is measured first, so that a
+short GPU session gets it, with one more row per WGMMA configuration (``cuda_wgmma:<name>``,
+forced through ``DSJAX_DEEP_GEMM_WGMMA_CONFIG``), all in the same process.
+``DSJAX_BENCH_WGMMA_CONFIGS`` (comma-separated names) restricts those rows to the configurations
+that passed their smoke run, and ``DSJAX_BENCH_SKIP_WGMMA=1`` leaves every WGMMA row out (both set
+by ``scripts/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -38,9 +42,8 @@ _NK_GROUPED = [(4096, 7168), (7168, 2048)]
 def _cases(quick: bool) -> list[tuple[str, int, int, int, int]]:
     """(kind, groups, m per group, n, k)."""
     if jax.default_backend() == "gpu" and not quick:
-        target = ("dense", 1, 4096, 7168, 16384)  # the issue's acceptance shape, first
-        cases = [target] + [("dense", 1, m, n, k) for m in (64, 128, 4096) for n, k in _NK_DENSE
-                            if ("dense", 1, m, n, k) != target]
+        cases = [TARGET] + [("dense", 1, m, n, k) for m in (64, 128, 4096) for n, k in _NK_DENSE
+                            if ("dense", 1, m, n, k) != TARGET]  # the target first
         cases += [("contiguous", g, m, n, k) for g, m in ((4, 8192), (8, 4096)) for n, k in _NK_GROUPED]
         cases += [("masked", g, m, n, k) for g, m in ((1, 1024), (2, 512), (4, 256)) for n, k in _NK_GROUPED]
         cases += [("k_grouped", 4, 4096, 4096, 8192)]
@@ -53,18 +56,39 @@ def _cases(quick: bool) -> list[tuple[str, int, int, int, int]]:
     return cases
 
 
+TARGET = ("dense", 1, 4096, 7168, 16384)  # the issue's acceptance shape
+
+
 @contextlib.contextmanager
-def _kernel(name: str) -> Iterator[None]:
-    """Selects the CUDA GEMM kernel (read when a GEMM is traced) for the duration of the block."""
-    old = os.environ.get(_gemm_ffi.KERNEL_ENV)
-    os.environ[_gemm_ffi.KERNEL_ENV] = name
+def _env(name: str, value: str) -> Iterator[None]:
+    """Sets an environment variable (read when a GEMM is traced) for the duration of the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(_gemm_ffi.KERNEL_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[_gemm_ffi.KERNEL_ENV] = old
+            os.environ[name] = old
+
+
+def _kernel(name: str) -> contextlib.AbstractContextManager[None]:
+    """Selects the CUDA GEMM kernel (``mma`` or ``wgmma``) for the duration of the block."""
+    return _env(_gemm_ffi.KERNEL_ENV, name)
+
+
+def _wgmma_configs() -> list[str]:
+    """The WGMMA configurations to time one by one on the target shape."""
+    raw = os.environ.get("DSJAX_BENCH_WGMMA_CONFIGS")
+    if raw is None:
+        return list(_gemm_ffi.WGMMA_CONFIGS)
+    names = [c.strip() for c in raw.split(",") if c.strip()]
+    unknown = [c for c in names if c not in _gemm_ffi.WGMMA_CONFIGS]
+    if unknown:
+        raise ValueError(f"DSJAX_BENCH_WGMMA_CONFIGS names unknown configurations {unknown}; "
+                         f"choices: {', '.join(_gemm_ffi.WGMMA_CONFIGS)}")
+    return names
 
 
 def _bf16_dot(kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -131,10 +155,20 @@ def _case(kind: str, g: int, m: int, n: int, k: int, quick: bool) -> list[Record
         out.append(record(BENCH, shape, impl, t, nbytes=nbytes, flops=flops, vs_bf16=t_bf / t))
         if (impl == "cuda" and kind in ("dense", "contiguous", "masked")
                 and not os.environ.get("DSJAX_BENCH_SKIP_WGMMA")):
-            with _kernel("wgmma"):  # traced (and so lowered to the WGMMA target) inside the block
-                t = time_fn(fn(impl), a, b, warmup=2, repeats=reps)
-            out.append(record(BENCH, shape, "cuda_wgmma", t, nbytes=nbytes, flops=flops,
-                              vs_bf16=t_bf / t))
+            allowed = _wgmma_configs()
+            # The heuristic's pick (row cuda_wgmma), unless it failed its smoke run; on the
+            # target shape also every configuration. Traced (and so lowered to the WGMMA target
+            # and configuration) inside the blocks.
+            auto = _gemm_ffi.choose_wgmma_config(kind, m if kind == "masked" else g * m, n,
+                                                 g if kind == "masked" else 1)
+            runs = [("cuda_wgmma", "auto", auto)] if auto in allowed else []
+            if (kind, g, m, n, k) == TARGET:
+                runs += [(f"cuda_wgmma:{c}", c, c) for c in allowed]
+            for name, env, cfg in runs:
+                with _kernel("wgmma"), _env(_gemm_ffi.WGMMA_CONFIG_ENV, env):
+                    t = time_fn(fn(impl), a, b, warmup=2, repeats=reps)
+                out.append(record(BENCH, shape, name, t, nbytes=nbytes, flops=flops,
+                                  vs_bf16=t_bf / t, config=cfg))
     out.append(record(BENCH, shape, "xla_bf16_dot", t_bf, nbytes=2 * nbytes, flops=flops,
                       vs_bf16=1.0))
     return out

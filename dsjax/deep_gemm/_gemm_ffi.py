@@ -14,10 +14,19 @@ raises ``ValueError``. With ``wgmma``, calls the WGMMA kernel cannot take run on
 is 0 or not a multiple of 16, since TMA needs 16-byte row strides); the k-grouped GEMM always
 uses ``mma``. The selection applies only where the computation is lowered for CUDA: the CPU twin
 is the same on either setting.
+
+The WGMMA kernel comes in configurations (:data:`WGMMA_CONFIGS`: tile, cluster, grid), passed to
+the target as its ``config`` attribute. :func:`choose_wgmma_config` picks one per shape (the
+heuristic is documented there); ``DSJAX_DEEP_GEMM_WGMMA_CONFIG=<name>`` (read when traced) forces
+one for every WGMMA GEMM, and unset, empty or ``auto`` means the heuristic. Cluster
+configurations (``*_mc2``) apply to the dense GEMM; the grouped GEMMs run the same tile without
+the cluster. None of these has run on a GPU yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -62,6 +71,117 @@ def selected_kernel() -> str:
     return value
 
 
+WGMMA_CONFIG_ENV = "DSJAX_DEEP_GEMM_WGMMA_CONFIG"
+
+
+@dataclasses.dataclass(frozen=True)
+class WgmmaConfig:
+    """One compiled configuration of the WGMMA kernel (``ffi/deep_gemm/sm90/``).
+
+    Attributes:
+        block_m: tile rows (64: one consumer warpgroup; 128: two, with setmaxnreg).
+        block_n: tile columns (wgmma N; tiles may straddle two 128-column b-scale blocks).
+        cluster: CTAs per cluster along M sharing the B tile by TMA multicast (dense only).
+        persistent: grid of one CTA per SM walking tiles, else one CTA per tile.
+    """
+
+    block_m: int
+    block_n: int
+    cluster: int = 1
+    persistent: bool = True
+
+
+# Keep in step with kConfigs in ffi/deep_gemm/sm90/fp8_gemm_wgmma.cu.
+WGMMA_CONFIGS: dict[str, WgmmaConfig] = {
+    "b64x64": WgmmaConfig(64, 64),
+    "b64x128": WgmmaConfig(64, 128),
+    "b128x128_grid": WgmmaConfig(128, 128, persistent=False),
+    "b128x128": WgmmaConfig(128, 128),
+    "b128x160": WgmmaConfig(128, 160),
+    "b128x192": WgmmaConfig(128, 192),
+    "b128x128_mc2": WgmmaConfig(128, 128, cluster=2),
+    "b128x160_mc2": WgmmaConfig(128, 160, cluster=2),
+    "b128x192_mc2": WgmmaConfig(128, 192, cluster=2),
+}
+DEFAULT_NUM_SMS = 132  # H100 / H200 SXM, when no GPU is visible at trace time
+
+
+def selected_wgmma_config() -> str | None:
+    """The configuration ``DSJAX_DEEP_GEMM_WGMMA_CONFIG`` forces, or None for the heuristic.
+
+    Unset, empty or ``auto`` (case- and whitespace-insensitive) mean the heuristic.
+
+    Raises:
+        ValueError: any other value that is not a name in :data:`WGMMA_CONFIGS` (the message
+            names the variable, the choices and the value).
+    """
+    raw = os.environ.get(WGMMA_CONFIG_ENV, "")
+    value = raw.strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in WGMMA_CONFIGS:
+        raise ValueError(f"{WGMMA_CONFIG_ENV} must be 'auto' or one of "
+                         f"{', '.join(repr(c) for c in WGMMA_CONFIGS)} (unset means 'auto'), "
+                         f"got {raw!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def num_sms() -> int:
+    """Multiprocessors of the first CUDA device, or :data:`DEFAULT_NUM_SMS` when none is visible."""
+    try:
+        return int(getattr(jax.devices("cuda")[0], "core_count", 0)) or DEFAULT_NUM_SMS
+    except RuntimeError:
+        return DEFAULT_NUM_SMS
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def choose_wgmma_config(kind: str, m: int, n: int, groups: int = 1, *,
+                        sms: int | None = None) -> str:
+    """The WGMMA configuration the heuristic picks for one GEMM.
+
+    Args:
+        kind: ``"dense"``, ``"contiguous"`` or ``"masked"``.
+        m: rows of one row space (dense m; contiguous m_sum; masked m_max).
+        n: output columns.
+        groups: row spaces with their own tiles (masked: G; else 1).
+        sms: multiprocessors (default: :func:`num_sms`).
+
+    The heuristic (a model, to be re-tuned from the bench's one-row-per-configuration numbers):
+      * ``m <= 64``: 64-row tiles (no MMA rows wasted on decode-sized m). Such GEMMs are bound by
+        reading B, so more CTAs pull more bandwidth: ``b64x64`` when 128-wide tiles would leave
+        SMs idle (fewer tiles than SMs), else ``b64x128``.
+      * else 128-row tiles, BLOCK_N in {128, 160, 192} minimising ``waves * (BLOCK_N + 32)``
+        (time of the busiest SM, in units of one 128-row x 1-column tile per K), where
+        ``waves = ceil(tiles / sms)`` and the 32 stands for a fixed per-tile, per-K-block cost
+        (barrier round trip, scale loads, promotion bookkeeping; a guess until measured); ties
+        go to the wider tile (fewer L2 bytes per FLOP).
+      * dense GEMMs with at least two 128-row tiles and at least one full wave use the 2-CTA
+        cluster twin (``_mc2``): B is multicast to the pair, cutting L2 reads per FLOP by a
+        quarter to a third, which is what the large shapes are bound by.
+    """
+    sms = num_sms() if sms is None else sms
+    if m <= 64:
+        return "b64x64" if _cdiv(n, 128) * groups < sms else "b64x128"
+    m_tiles = _cdiv(m, 128) * groups
+    best, best_cost = "b128x128", None
+    for bn in (128, 160, 192):
+        cost = _cdiv(m_tiles * _cdiv(n, bn), sms) * (bn + 32)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = f"b128x{bn}", cost
+    if kind == "dense" and _cdiv(m, 128) >= 2 and m_tiles * _cdiv(n, 128) >= sms:
+        best += "_mc2"
+    return best
+
+
+def wgmma_config(kind: str, m: int, n: int, groups: int = 1) -> str:
+    """The forced configuration (:func:`selected_wgmma_config`) or the heuristic's choice."""
+    return selected_wgmma_config() or choose_wgmma_config(kind, m, n, groups)
+
+
 def wgmma_unsupported_reason(k: int, b_per_row: bool = False) -> str | None:
     """Why the WGMMA kernel cannot run a GEMM with this ``k`` (None when it can).
 
@@ -90,17 +210,22 @@ def cuda_target(target: str, k: int, b_per_row: bool = False) -> str:
 
 
 def _call(target: str, k: int, b_per_row: bool, out: Any, args: tuple[Any, ...],
-          attrs: dict[str, Any]) -> Any:
-    """Calls `target` (the CPU twin's name), or its WGMMA twin where lowered for CUDA when selected."""
+          attrs: dict[str, Any], rows: tuple[str, int, int, int]) -> Any:
+    """Calls `target` (the CPU twin's name), or its WGMMA twin where lowered for CUDA when selected.
+
+    ``rows``: (kind, m, n, groups) for :func:`wgmma_config`.
+    """
     cuda = cuda_target(target, k, b_per_row)
+    selected_wgmma_config()  # validates DSJAX_DEEP_GEMM_WGMMA_CONFIG on every trace
     if cuda == target:
         return ffi.call(target, out, *args, **attrs)
+    config = wgmma_config(*rows)
     # The WGMMA targets exist only in the CUDA module, so only the CUDA lowering may name them;
     # every other platform keeps the shared target (the CPU twin).
     return jax.lax.platform_dependent(
         *args,
         default=lambda *xs: ffi.call(target, out, *xs, **attrs),
-        cuda=lambda *xs: ffi.call(cuda, out, *xs, **attrs))
+        cuda=lambda *xs: ffi.call(cuda, out, *xs, **attrs, config=config))
 
 
 def fp8_gemm_nt(a: Pair, b: Pair, c: jax.Array | None, out_dtype: Any, b_per_row: bool) -> jax.Array:
@@ -109,7 +234,8 @@ def fp8_gemm_nt(a: Pair, b: Pair, c: jax.Array | None, out_dtype: Any, b_per_row
     cc, has_c = _c_arg(c)
     out = jax.ShapeDtypeStruct((aq.shape[0], bq.shape[0]), out_dtype)
     return _call(DENSE_TARGET, aq.shape[1], b_per_row, out, (aq, sa, bq, sb, cc),
-                 dict(b_per_row=bool(b_per_row), has_c=has_c))
+                 dict(b_per_row=bool(b_per_row), has_c=has_c),
+                 ("dense", aq.shape[0], bq.shape[0], 1))
 
 
 def m_grouped_contiguous(a: Pair, b: Pair, m_indices: jax.Array, out_dtype: Any) -> jax.Array:
@@ -117,7 +243,8 @@ def m_grouped_contiguous(a: Pair, b: Pair, m_indices: jax.Array, out_dtype: Any)
     (aq, sa), (bq, sb) = a, b
     out = jax.ShapeDtypeStruct((aq.shape[0], bq.shape[1]), out_dtype)
     return _call(CONTIGUOUS_TARGET, aq.shape[1], False, out,
-                 (aq, sa, bq, sb, m_indices.astype(jnp.int32)), {})
+                 (aq, sa, bq, sb, m_indices.astype(jnp.int32)), {},
+                 ("contiguous", aq.shape[0], bq.shape[1], 1))
 
 
 def m_grouped_masked(a: Pair, b: Pair, masked_m: jax.Array, out_dtype: Any) -> jax.Array:
@@ -125,7 +252,8 @@ def m_grouped_masked(a: Pair, b: Pair, masked_m: jax.Array, out_dtype: Any) -> j
     (aq, sa), (bq, sb) = a, b
     out = jax.ShapeDtypeStruct((aq.shape[0], aq.shape[1], bq.shape[1]), out_dtype)
     return _call(MASKED_TARGET, aq.shape[-1], False, out,
-                 (aq, sa, bq, sb, masked_m.astype(jnp.int32)), {})
+                 (aq, sa, bq, sb, masked_m.astype(jnp.int32)), {},
+                 ("masked", aq.shape[1], bq.shape[1], aq.shape[0]))
 
 
 def k_grouped_contiguous(a: Pair, b: Pair, group_ks: jax.Array, c: jax.Array | None) -> jax.Array:

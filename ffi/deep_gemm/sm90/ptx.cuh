@@ -1,5 +1,6 @@
 // Thin inline-PTX wrappers for the sm_90a features the WGMMA GEMM uses: mbarriers, TMA tensor
-// loads and warpgroup MMA (wgmma) with shared-memory descriptors.
+// loads (plain and cluster multicast), cluster addressing, setmaxnreg and the wgmma fences and
+// shared-memory descriptors (the MMAs themselves are in wgmma_ops.cuh).
 //
 // Semantics follow the PTX ISA (sections "mbarrier", "cp.async.bulk.tensor" and "wgmma") and
 // CUTLASS's cute/arch/*_sm90*.hpp for the descriptor bit layout; the code is ours.
@@ -42,8 +43,9 @@ __device__ __forceinline__ void MbarArrive(uint32_t bar) {
 // Blocks until the phase with parity `parity` has completed. A freshly initialised barrier is in
 // phase 0, and waiting for parity 1 returns at once (the "previous" phase counts as complete):
 // that is how the producer's first pass over the empty barriers goes through.
-// A wait that lasts ~2^35 cycles (over 15 s; a correct pipeline waits microseconds) means a lost
-// TMA transaction or arrival: it traps, so the caller gets a CUDA error instead of a hang.
+// A wait that lasts ~2^32 cycles (over 2 s at Hopper's ~1.98 GHz; a correct pipeline waits
+// microseconds, even behind a whole tile's epilogue) means a lost TMA transaction or arrival: it
+// traps, so the caller gets a CUDA error instead of a hang that would eat a GPU session.
 __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   long long start = 0;
@@ -61,7 +63,7 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
     const long long now = clock64();
     if (start == 0) {
       start = now;
-    } else if (now - start > (1ll << 35)) {
+    } else if (now - start > (1ll << 32)) {
       __trap();  // no printf: a call inside the kernel would serialise the wgmma pipeline
     }
   }
@@ -82,6 +84,59 @@ __device__ __forceinline__ void TmaLoad2d(uint32_t dst, const CUtensorMap* map, 
       " [%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
       : "memory");
+}
+
+// Multicast variant (2-CTA clusters): the box lands at the same shared-memory offset in every CTA
+// of `mask` (bit r = cluster rank r), and completes its byte count on the barrier at offset `bar`
+// in each of those CTAs.
+__device__ __forceinline__ void TmaLoad2dMulticast(uint32_t dst, const CUtensorMap* map,
+                                                   uint32_t bar, int32_t c0, int32_t c1,
+                                                   uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+
+// ---------------------------------------------------------------- clusters
+__device__ __forceinline__ uint32_t ClusterCtaRank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+// The address of the same shared-memory offset in the CTA of cluster rank `rank`.
+__device__ __forceinline__ uint32_t MapaShared(uint32_t addr, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+
+// One arrival on a barrier anywhere in the cluster (address from MapaShared), with release
+// semantics at cluster scope: this thread's earlier shared-memory reads are ordered before it.
+__device__ __forceinline__ void MbarArriveCluster(uint32_t cluster_bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(cluster_bar)
+               : "memory");
+}
+
+// Every thread of every CTA in the cluster: arrive, then wait for all. Not `.aligned`, so it
+// may be reached from divergent code (the producer warpgroup's idle lanes).
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile("barrier.cluster.arrive.release;\n"
+               "barrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// ---------------------------------------------------------------- register reconfiguration
+// setmaxnreg (sm_90a): every warp of the warpgroup must execute it (.sync.aligned), and it only
+// takes effect under a register cap at entry (__launch_bounds__(threads, 1)).
+template <uint32_t kRegs>
+__device__ __forceinline__ void SetMaxNRegDec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+template <uint32_t kRegs>
+__device__ __forceinline__ void SetMaxNRegInc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
 }
 
 // ---------------------------------------------------------------- wgmma
@@ -115,37 +170,5 @@ __device__ __forceinline__ void WgmmaWait() {
 // Keeps the compiler from moving reads/writes of accumulator registers across the asynchronous
 // wgmma boundaries (the registers are "in use" by the tensor cores between issue and wait).
 __device__ __forceinline__ void FenceOperand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-
-// D[64 x 128] (+)= A[64 x 32] . B[128 x 32]^T, E4M3 x E4M3 -> F32, both operands K-major in
-// shared memory. `accumulate` false overwrites d (scale-d = 0). Fragment layout of d, for thread
-// t of the warpgroup (warp w = t / 32, lane l = t % 32) and register i in [0, 64):
-//   row = 16 w + l / 4 + 8 * ((i / 2) % 2),  col = 8 * (i / 4) + 2 * (l % 4) + i % 2.
-__device__ __forceinline__ void WgmmaM64N128K32(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                                bool accumulate) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
-        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
-        "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
-        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
-        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
-        "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(static_cast<uint32_t>(accumulate))
-      : "memory");
-}
 
 }  // namespace dsjax::deep_gemm::sm90
