@@ -253,3 +253,18 @@ def test_cuda_deep_ep_ignores_out_of_range_ids():
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
             else:
                 np.testing.assert_array_equal(a, b, err_msg=f"{name}[{i}]")
+
+
+@pytest.mark.gpu
+def test_dense_mma_more_row_tiles_than_grid_y():
+    """More than 65535 64-row tiles: the mma kernel puts row tiles on grid.x (grid.y's limit is
+    65535). Every row is checked, the last tile partial (a row count of 64 * 65536 + 3)."""
+    m, n, k = 64 * 65536 + 3, 16, 128
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (m, k)).astype(np.float32)  # small integers: exact in E4M3 and f32
+    w = rng.integers(-3, 4, (n, k)).astype(np.float32)
+    a = (jnp.asarray(x.astype(F8)), jnp.ones((m, 1), jnp.float32))
+    b = (jnp.asarray(w.astype(F8)), jnp.ones((1, 1), jnp.float32))
+    got = _run("cuda", lambda a, b: dg.fp8_gemm_nt(a, b, out_dtype=jnp.float32,
+                                                    implementation="cuda"), a, b)
+    np.testing.assert_array_equal(got, x @ w.T)  # |sums| <= 128 * 9: exact in float32

@@ -47,6 +47,7 @@ struct DevGemm {
   void* d;
   bool d_bf16;
   int mode;
+  bool rows_on_x;  // row tiles on grid.x (when they exceed grid.y's 65535), column tiles on grid.y
 };
 
 __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -82,8 +83,8 @@ __global__ void __launch_bounds__(kThreads) Fp8GemmKernel(DevGemm p) {
   __shared__ int next_group;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 1, wn = warp & 1, grp = lane >> 2, tig = lane & 3;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kBM;
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int64_t row0 = static_cast<int64_t>(p.rows_on_x ? blockIdx.x : blockIdx.y) * kBM;
+  const int64_t col0 = static_cast<int64_t>(p.rows_on_x ? blockIdx.y : blockIdx.x) * kBN;
   const int z = blockIdx.z;
 
   const uint8_t* A = p.a;
@@ -247,13 +248,18 @@ __global__ void __launch_bounds__(kThreads) Fp8GemmKernel(DevGemm p) {
   }
 }
 
-ffi::Error Launch(cudaStream_t stream, const DevGemm& p, int64_t m_tiles_rows, int grid_z,
+ffi::Error Launch(cudaStream_t stream, DevGemm p, int64_t m_tiles_rows, int grid_z,
                   const char* op) {
-  const int64_t gx = CeilDiv(p.n, kBN), gy = CeilDiv(m_tiles_rows, kBM);
-  if (gx == 0 || gy == 0 || grid_z == 0) return ffi::Error::Success();
+  // Column tiles on grid.x (blocks launched together share A's row tile in L2); row tiles move
+  // to grid.x when there are more than grid.y's 65535 of them.
+  const int64_t n_tiles = CeilDiv(p.n, kBN), m_tiles = CeilDiv(m_tiles_rows, kBM);
+  if (n_tiles == 0 || m_tiles == 0 || grid_z == 0) return ffi::Error::Success();
+  p.rows_on_x = m_tiles > 65535;
+  const int64_t gx = p.rows_on_x ? m_tiles : n_tiles, gy = p.rows_on_x ? n_tiles : m_tiles;
   if (gx > 0x7FFFFFFF || gy > 65535 || grid_z > 65535)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      StrCat(op, ": problem too large for the grid (", gx, " x ", gy, " x ", grid_z, ")"));
+                      StrCat(op, ": problem too large for the grid (", m_tiles, " row tiles x ", n_tiles,
+                             " column tiles x ", grid_z, " groups)"));
   Fp8GemmKernel<<<dim3(gx, gy, grid_z), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
