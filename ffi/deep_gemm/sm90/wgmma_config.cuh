@@ -21,10 +21,14 @@ enum Mode : int { kDense = 0, kContiguous = 1, kMasked = 2 };
 // producer warpgroup (one warp of it issues the TMA loads), tile width kBN, and kCluster CTAs per
 // cluster along M sharing the B tile through TMA multicast (each loads kBN / kCluster rows of it).
 //
-// Register budget (65536 per SM, one CTA per SM):
-//  * kConsumers == 2: 384 threads start capped at 168 registers (__launch_bounds__(384, 1)); the
-//    producer warpgroup drops to kProducerRegs and the consumers rise to kConsumerRegs
-//    (setmaxnreg; 32 / 240 or 40 / 232, see below). A consumer holds acc[kBN / 2] and
+// Register budget (one CTA per SM):
+//  * kConsumers == 2: 384 threads start capped at kEntryRegs = 168 registers
+//    (__launch_bounds__(384, 1): 65536 / 384 rounded down to the allocation granularity of 8),
+//    so the CTA owns 384 * 168 = 64512 registers, not the SM's 65536. setmaxnreg only moves
+//    registers inside that per-CTA pool (PTX ISA "setmaxnreg": .inc blocks until the CTA's pool
+//    can supply them), so producer + consumers must fit in 64512: the producer warpgroup drops
+//    to kProducerRegs and the consumers rise to kConsumerRegs (24 / 240 or 40 / 232, the splits
+//    of CUTLASS's and FlashAttention-3's 3-warpgroup kernels). A consumer holds acc[kBN / 2] and
 //    tmp[kBN / 2] f32 fragments: 192 registers at kBN = 192, leaving 48 for addresses, scales
 //    and loop state (kBN = 256 would need 256 for the fragments alone).
 //  * kConsumers == 1: 256 threads may use 255 registers each with no reconfiguration.
@@ -34,15 +38,20 @@ struct Config {
   static constexpr int kBM = 64 * kConsumers;
   static constexpr int kThreads = kWgThreads * (1 + kConsumers);
   static constexpr int kRegs = kBN / 2;  // f32 fragment registers per thread per m64 x kBN tile
-  // Producer / consumer registers after setmaxnreg (multiples of 8; the two warpgroup kinds
-  // together at most the 65536 of the register file). 32 / 240 by default (exactly 65536): the
-  // consumers of kBN = 192 need the 240 to keep the K loop free of spills. The cluster producer
-  // needs a few more registers (cluster rank, multicast): 40 / 232 where the consumers fit in
-  // 232 (kBN <= 160). With CUDA 13.0 no K loop touches local memory; at kBN = 192 ptxas still
-  // spills a few words outside it (per tile: 12 bytes without, 28 with the cluster).
-  static constexpr uint32_t kProducerRegs = (kCluster_ > 1 && kBN_ <= 160) ? 40 : 32;
-  static constexpr uint32_t kConsumerRegs = (65536 / kWgThreads - kProducerRegs) / 2 / 8 * 8;
+  // Registers per thread at launch (ptxas gives a kernel with setmaxnreg exactly this cap; the
+  // CTA's setmaxnreg pool is kThreads * kEntryRegs).
+  static constexpr uint32_t kEntryRegs = 65536 / kThreads / 8 * 8;
+  // Producer / consumer registers after setmaxnreg (multiples of 8, together at most the CTA's
+  // pool: a budget over it leaves a consumer warp spinning in setmaxnreg.inc forever). The
+  // consumers of kBN = 192 need 240 to keep the K loop free of spills, which leaves the producer
+  // 24 (504 - 2 * 240); elsewhere 40 / 232 gives the producer (cluster rank, multicast, pass
+  // search) room. With CUDA 13.0 no K loop touches local memory.
+  // (Without setmaxnreg, kConsumers == 1, both stay at the entry cap.)
   static constexpr bool kSetMaxNReg = kConsumers == 2;
+  static constexpr uint32_t kProducerRegs = !kSetMaxNReg ? kEntryRegs : kBN_ > 160 ? 24 : 40;
+  static constexpr uint32_t kConsumerRegs =
+      !kSetMaxNReg ? kEntryRegs
+                   : (kThreads * kEntryRegs / kWgThreads - kProducerRegs) / kConsumers / 8 * 8;
   static constexpr uint32_t kABytes = kBM * kBK, kBBytes = kBN * kBK;
   static constexpr uint32_t kStageBytes = kABytes + kBBytes;
   // Rows of B each CTA of the cluster loads (and multicasts to all of them).
@@ -75,10 +84,13 @@ struct Config {
   static_assert(kStages >= 2, "at least double buffering");
   static_assert(kSmemBytes <= 232448, "over the 227 KiB of dynamic shared memory per block");
   static_assert(!kSetMaxNReg ||
-                    kProducerRegs * kWgThreads + kConsumerRegs * kWgThreads * kConsumers <= 65536,
-                "register reconfiguration exceeds the register file");
-  static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 &&
-                    kConsumerRegs <= 256, "setmaxnreg takes multiples of 8 in [24, 256]");
+                    kProducerRegs * kWgThreads + kConsumerRegs * kWgThreads * kConsumers <=
+                        kThreads * kEntryRegs,
+                "register reconfiguration exceeds the CTA's register pool (threads x entry cap)");
+  static_assert(!kSetMaxNReg || (kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 &&
+                                 kProducerRegs >= 24 && kConsumerRegs <= 256 &&
+                                 kProducerRegs <= kEntryRegs && kConsumerRegs >= kEntryRegs),
+                "setmaxnreg takes multiples of 8 in [24, 256]; .dec lowers, .inc raises the cap");
 };
 
 struct Params {

@@ -146,12 +146,20 @@ ffi::Error LaunchConfig(const WgmmaProblem& w, bool persistent) {
     DSJAX_RETURN_IF_ERROR(NumSms(op, &sms));
     int64_t resident = sms / kC;  // one CTA per SM (the shared memory allows no more)
     if (kC > 1) {
-      // GPCs need not hold an even number of free SMs: ask how many clusters fit at once.
-      int active = 0;
-      cfg.gridDim = dim3(static_cast<unsigned>(kC * (resident > 0 ? resident : 1)));
-      if (cudaOccupancyMaxActiveClusters(&active, kernel, &cfg) == cudaSuccess && active > 0)
-        resident = active;
-      cudaGetLastError();  // a failed query only means the fallback count
+      // GPCs need not hold an even number of free SMs: ask how many clusters fit at once. Once
+      // per device and configuration (the answer depends on nothing else), so that calls on
+      // small problems do not pay for the query on the host each time.
+      static std::atomic<int> active_cache[64] = {};
+      int dev = -1, active = 0;
+      if (cudaGetDevice(&dev) != cudaSuccess) dev = -1;
+      if (dev >= 0 && dev < 64) active = active_cache[dev].load();
+      if (active <= 0) {
+        cfg.gridDim = dim3(static_cast<unsigned>(kC * (resident > 0 ? resident : 1)));
+        if (cudaOccupancyMaxActiveClusters(&active, kernel, &cfg) != cudaSuccess) active = 0;
+        cudaGetLastError();  // a failed query only means the fallback count
+        if (active > 0 && dev >= 0 && dev < 64) active_cache[dev].store(active);
+      }
+      if (active > 0) resident = active;
     }
     if (resident < 1) resident = 1;
     clusters = units < resident ? units : resident;
