@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,3 +234,91 @@ def test_tie_replica_grads_sums_replicas_and_keeps_singletons_exact():
         tie_replica_grads(jnp.zeros(5), phy2log)
     with pytest.raises(TypeError, match="phy2log must have an integer dtype"):
         tie_replica_grads(g, phy2log.astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------- sharded replica tie
+
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+
+
+def hlo_collectives(hlo: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(op, dtype, dims)`` of every array operand/result shape of every collective of a
+    compiled (partitioned, per-device) HLO module's text: the traffic XLA emits."""
+    out = []
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m:
+            for dtype, dims in re.findall(r"([a-z]+\d*)\[([\d,]*)\]", m.group(1)):
+                out.append((m.group(2), dtype, tuple(int(d) for d in dims.split(",") if d)))
+    return out
+
+
+def _tie_cases():
+    e, r = 8, 12
+    rr = np.asarray(round_robin_placement(e, r)[0])  # 4 experts x 2 replicas: K = 8 slots, the bound
+    hot = np.array([0, 0, 0, 1, 2, 3, 4, 5, 0, 6, 7, 1])  # expert 0 x4 (3 ranks), expert 1 x2
+    return [(e, rr), (e, hot), (r, np.random.default_rng(3).permutation(r))]  # last: no replica
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_sharded_tie_equals_global_bit_for_bit(case):
+    """The sharded form (one psum of the replicated slots' rows over ep, dp=2 x ep=4) gives the
+    global form's result on one device exactly: every buffer row is non-zero on one device only,
+    and each expert sums its rows in slot order like the segment sum. (The global form jitted on
+    SHARDED gradients sums per-shard partials first, so for an expert with 3+ replicas spread
+    over ranks it may differ from both by float32 rounding; replicas are equal either way.)
+    Singletons are untouched."""
+    num_experts, phy = _tie_cases()[case]
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "ep"))
+    rng = np.random.default_rng(case)
+    g = {"a": jnp.asarray(rng.normal(size=(12, 3, 2)), jnp.float32),
+         "b": jnp.asarray(rng.normal(size=(12, 4)), jnp.bfloat16)}
+    phy2log = jnp.asarray(phy, jnp.int32)
+    want = jax.jit(tie_replica_grads)(g, phy2log)
+    g = jax.device_put(g, NamedSharding(mesh, P("ep")))
+    f = jax.jit(jax.shard_map(
+        lambda g, p: tie_replica_grads(g, p, axis_name="ep", num_experts=num_experts),
+        mesh=mesh, in_specs=(P("ep"), P()), out_specs=P("ep")))
+    got = f(g, phy2log)
+    single = np.bincount(phy)[phy] == 1
+    for k in g:
+        np.testing.assert_array_equal(np.asarray(got[k], np.float32), np.asarray(want[k], np.float32))
+        np.testing.assert_array_equal(np.asarray(got[k], np.float32)[single],
+                                      np.asarray(g[k], np.float32)[single])
+        assert got[k].dtype == g[k].dtype
+    for e in np.unique(phy):  # replicas bit-identical, holding their expert's sum
+        rows = np.asarray(got["a"])[phy == e]
+        assert (rows == rows[0]).all()
+        np.testing.assert_allclose(rows[0], np.asarray(g["a"])[phy == e].sum(0), rtol=1e-6, atol=1e-6)
+    # Traffic: the global form reduces the whole [12, ...] gradient over the EP ranks; the sharded
+    # one exchanges only the K = min(R, 2(R - E)) replicated slots' rows (none without replicas).
+    k = min(12, 2 * (12 - num_experts))
+    full = {x for x in hlo_collectives(jax.jit(tie_replica_grads).lower(g, phy2log).compile().as_text())
+            if x[2][:1] == (12,)}
+    if case == 0:
+        assert ("all-reduce", "f32", (12, 3, 2)) in full  # the check can see the traffic
+    shapes = {x[2] for x in hlo_collectives(f.lower(g, phy2log).compile().as_text())}
+    assert not any(s[:1] == (12,) for s in shapes)
+    assert ((k, 3, 2) in shapes) == (k > 0) and ((k, 4) in shapes) == (k > 0)
+
+
+def test_sharded_tie_errors_and_bad_traced_placement():
+    mesh = Mesh(np.array(jax.devices()[:4]), ("ep",))
+
+    def run(phy, num_experts, rows=12):
+        body = lambda g, p: tie_replica_grads(g, p, axis_name="ep", num_experts=num_experts)  # noqa: E731
+        sm = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"), P()), out_specs=P("ep")))
+        return sm(jnp.ones((rows, 2), jnp.float32), jnp.asarray(phy, jnp.int32))
+
+    rr = round_robin_placement(8, 12)[0]
+    for bad_e in (None, 0, 13, 8.0):
+        with pytest.raises(ValueError, match=r"num_experts must be an int in \[1, 12\] \(the logical "
+                                             rf"experts of the 12 slots\) with axis_name, got {bad_e!r}"):
+            run(rr, bad_e)
+    with pytest.raises(ValueError, match=r"leading axis 3 \(= 12 slots / 4 shards\), got shape \(2, 2\)"):
+        run(rr, 8, rows=8)
+    # A placement leaving experts 2..7 without a slot has 12 > K = 8 replicated slots (it cannot
+    # be refused: the placement is traced): all of them become NaN rather than partial sums.
+    assert np.isnan(np.asarray(run(np.array([0] * 6 + [1] * 6), 8))).all()
+    np.testing.assert_array_equal(np.asarray(run(rr, 8))[:, 0], np.where(np.arange(12) % 8 < 4, 2.0, 1.0))

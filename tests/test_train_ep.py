@@ -68,6 +68,38 @@ def test_model_with_ep_equals_dense_model():
     _close(nnx.jit(lambda m, t: m(t).logits)(ep, tok), nnx.jit(lambda m, t: m(t).logits)(dense, tok), "logits")
 
 
+def test_ep_routes_replicas_per_device_with_rotating_salt():
+    """With the placement given, the EP function takes LOGICAL ids and each device routes its own
+    tokens to replicas (salt = its index over dp x ep), the same code for the flat step and the
+    pipeline stages. Replicas get DIFFERENT weights here, so the output shows which replica every
+    token reached: it must equal the dense computation on exactly that per-device routing, and
+    differ from the routing with salt 0 on every device and from one global routing."""
+    from dsjax.eplb import replica_route, round_robin_placement
+
+    slots, devices = 12, 8
+    phy2log, log2phy, logcnt = round_robin_placement(E, slots)  # experts 0..3 hold 2 slots
+    ks = jax.random.split(jax.random.PRNGKey(5), 5)
+    x = jax.random.normal(ks[0], (T, D))
+    wts = jax.random.uniform(ks[1], (T, K), minval=0.5, maxval=1.5)
+    ids = jnp.argsort(jax.random.uniform(ks[2], (T, E)), axis=1)[:, :K].astype(jnp.int32)
+    w1, w3 = (jax.random.normal(k, (slots, D, I)) * 0.2 for k in ks[3:5])
+    w2 = jax.random.normal(ks[4], (slots, I, D)) * 0.2
+    y = jax.jit(lambda *a: ep_routed_fn(_mesh(), implementation="cpu")(
+        *a, placement=(log2phy, logcnt)))(x, wts, ids, w1, w3, w2)
+
+    def dense_with(salts):
+        rows = T // devices
+        route = [replica_route(ids[d * rows:(d + 1) * rows], log2phy, logcnt, salt=s)
+                 for d, s in enumerate(salts)]
+        return routed_experts_dense(x, wts, jnp.concatenate(route), w1, w3, w2)
+
+    _close(y, dense_with(range(devices)), "per-device replica routing")
+    for other, what in ((dense_with([0] * devices), "salt 0 on every device"),
+                        (routed_experts_dense(x, wts, replica_route(ids, log2phy, logcnt), w1, w3, w2),
+                         "one global routing")):
+        assert not np.allclose(np.asarray(y), np.asarray(other), rtol=1e-3, atol=1e-3), what
+
+
 def test_ep_routed_fn_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"ep_axis 'expert' is not an axis of the mesh \(axes \('dp', 'ep'\)\)"):
         ep_routed_fn(_mesh(), ep_axis="expert")
@@ -86,7 +118,7 @@ def test_training_state_places_routed_experts_on_their_ep_rank():
     model = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, _optimizer_for(1e-3, 10, 0.0), wrt=nnx.Param)
     mesh = _mesh()
-    placed = _place((nnx.state(model), nnx.state(opt)), mesh)
+    placed = _place((nnx.state(model), nnx.state(opt)), mesh, model)
     specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(placed)}
     routed = [k for k in specs if k.endswith(("['w1'].value", "['w2'].value", "['w3'].value")) and "ffn" in k
               and "layers'][0]" not in k]  # layer 0 is the dense MLP

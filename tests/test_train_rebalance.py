@@ -24,10 +24,11 @@ from jax.sharding import Mesh
 
 from dsjax.nn.config import DeepSeekV3Config
 from dsjax.nn.ep import use_expert_parallelism
-from dsjax.nn.model import DeepSeekV3, lm_loss, update_expert_biases
+from dsjax.nn.model import DeepSeekV3
 from dsjax.nn.moe import DeepSeekMoE, expert_global_norm, moe_layers, tie_expert_replica_grads
-from dsjax.train.loop import _optimizer_for, _place, clip_grads
+from dsjax.train.loop import _optimizer_for, _place, _train_step, clip_grads
 from dsjax.train.rebalance import placement, rebalance_model
+from test_eplb_online import hlo_collectives
 
 E, EP, RED = 8, 4, 4          # 8 logical experts, 12 slots, 3 per EP rank
 
@@ -38,19 +39,11 @@ def _mesh() -> Mesh:
     return Mesh(np.array(jax.devices()[:8]).reshape(2, EP), ("dp", "ep"))
 
 
-@nnx.jit
 def _step(model, opt, batch):
-    """The training loop's step (replica-tied gradients, clipped counting each expert once);
-    returns (loss, load [L, E], the tied and clipped gradients)."""
-    def loss_fn(m):
-        parts = lm_loss(m, batch)
-        return parts.total, parts
-    (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    grads = clip_grads(model, grads, 1.0)
-    opt.update(model, grads)
-    loads = jnp.stack([m.load[...] for _, m in moe_layers(model)])
-    update_expert_biases(model)
-    return parts.total, loads, grads
+    """The training loop's pp=1 step (replica-tied gradients, clipped counting each expert once);
+    returns (loss, load [L, E])."""
+    parts, loads = _train_step(1.0)(model, opt, batch)
+    return parts.total, loads
 
 
 @nnx.jit
@@ -98,8 +91,8 @@ def _build(mesh, redundant):
         use_expert_parallelism(model, mesh, implementation="cpu")
     opt = nnx.Optimizer(model, _optimizer_for(1e-2, 1, 0.01), wrt=nnx.Param)
     if mesh is not None:
-        nnx.update(model, _place(nnx.state(model), mesh))
-        nnx.update(opt, _place(nnx.state(opt), mesh))
+        nnx.update(model, _place(nnx.state(model), mesh, model))
+        nnx.update(opt, _place(nnx.state(opt), mesh, model))
     return model, opt
 
 
@@ -115,7 +108,7 @@ def test_rebalance_with_relayout_keeps_outputs_and_training_on_8_devices():
     a, opt_a = _build(mesh, RED)
     load = 0
     for batch in batches[:2]:
-        _, load_a, _ = _step(a, opt_a, batch)
+        _, load_a = _step(a, opt_a, batch)
         load = load + np.asarray(load_a, np.float32)
     paths = [p for p, _ in moe_layers(a)]
     old = np.asarray(placement(a))
@@ -128,7 +121,7 @@ def test_rebalance_with_relayout_keeps_outputs_and_training_on_8_devices():
                                    f"{moment} after 2 steps")
     logits0, mtp0, loss0 = _eval(a, batches[2])
     # The step that follows without a rebalance, then back to the saved state.
-    loss_next, _, _ = _step(a, opt_a, batches[3])
+    loss_next, _ = _step(a, opt_a, batches[3])
     for obj, pure in zip((a, opt_a), state_old):
         state = nnx.state(obj)
         nnx.replace_by_pure_dict(state, pure)
@@ -167,11 +160,36 @@ def test_rebalance_with_relayout_keeps_outputs_and_training_on_8_devices():
     _close(mtp1, mtp0, "MTP logits after rebalance")
     _close(loss1, loss0, "loss after rebalance")
     # Training continues: the next step's loss equals the one without the rebalance.
-    la, _, _ = _step(a, opt_a, batches[3])
+    la, _ = _step(a, opt_a, batches[3])
     assert np.isfinite(float(la))
     _close(la, loss_next, "loss of the step after the rebalance")
     _assert_replicas_equal(_routed(nnx.to_pure_dict(nnx.state(a)), paths[0]), new[0],
                            "weights after the step following the rebalance")
+    assert_step_collectives(_train_step(1.0).lower(a, opt_a, batches[3]).compile().as_text(),
+                            slots=E + RED, experts=E, dim=a.cfg.dim, inter=a.cfg.moe_inter_dim,
+                            layers=2)
+
+
+def assert_step_collectives(hlo: str, *, slots: int, experts: int, dim: int, inter: int,
+                            layers: int, replicated_weights: int = 0) -> None:
+    """The compiled training step ties replica gradients by the sharded form only: one all-reduce
+    of the ``K = min(P, 2(P - E))`` replicated slots' rows per routed weight of the ``layers`` MoE
+    layers whose slots are split over ep, and no all-reduce of a whole ``[P, D, I]`` expert
+    gradient (the global segment sum reduced every routed-weight gradient whole over the EP
+    ranks), except for the ``replicated_weights`` routed weights the step keeps whole on every
+    device on purpose (the pipeline's MTP block, a loss parameter of the DualPipe executor: one
+    all-gather in, one gradient all-reduce out, each). Also no integer all-gather: replica
+    routing runs per device, on its own tokens."""
+    colls = hlo_collectives(hlo)
+    k = min(slots, 2 * (slots - experts))
+    full = {(slots, dim, inter), (slots, inter, dim)}
+    reduced = [c for c in colls if c[0] in ("all-reduce", "reduce-scatter") and c[2] in full]
+    assert len(reduced) == replicated_weights, reduced
+    gathered = [c for c in colls if c[0] == "all-gather" and c[2] in full]
+    assert len(gathered) == replicated_weights, gathered
+    ties = [c for c in colls if c[0] == "all-reduce" and c[2] in {(k, dim, inter), (k, inter, dim)}]
+    assert len(ties) == 3 * layers, ties
+    assert not [c for c in colls if c[0] == "all-gather" and c[1].startswith("s")], "global routing"
 
 
 def test_redundant_experts_train_like_plain_experts():

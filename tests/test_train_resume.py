@@ -15,7 +15,9 @@ import pathlib
 import numpy as np
 import pytest
 
+from dsjax.nn.moe import moe_layers
 from dsjax.train import UsageError, checkpoint, data, loop
+from test_train_rebalance import assert_step_collectives
 
 SRC = pathlib.Path(data.__file__).parent  # dsjax/train: a few kB of text, always present
 
@@ -35,9 +37,38 @@ def _cfg(tokens: str, out: str, steps: int, resume: bool = False) -> loop.TrainC
                             model_overrides={"n_layers": 3})
 
 
-def test_resume_gives_identical_losses(tokens, tmp_path):
+def test_resume_gives_identical_losses(tokens, tmp_path, monkeypatch):
     logs: list[str] = []
+    steps = []  # (the loop's jitted pipeline step, its first call's arguments)
+    make_step = loop._pipeline_step
+
+    def capture(pipe, clip):
+        step = make_step(pipe, clip)
+
+        def run(*args):
+            if not steps:
+                steps.append((step, args))
+            return step(*args)
+        return run
+
+    monkeypatch.setattr(loop, "_pipeline_step", capture)
     full = loop.train(_cfg(tokens, str(tmp_path / "a"), 6), log=logs.append)
+    # The run's model (updated in place): replicas stayed bit-identical through 6 steps and 3
+    # rebalances, their gradients tied by the sharded form inside the compiled step.
+    step, (model, opt, batch) = steps[0]
+    for _, moe in moe_layers(model):
+        phy = np.asarray(moe.phy2log[...])
+        for w in (moe.w1, moe.w3, moe.w2):
+            arr = np.asarray(w[...])
+            for e in range(moe.cfg.n_routed_experts):
+                assert (arr[phy == e] == arr[phy == e][0]).all(), e
+    # Compiled already (cached): the stages' 2 MoE layers tie by a [K, ...] psum per weight; the
+    # MTP block's 3 weights are the executor's replicated loss parameters (gathered whole in,
+    # gradients all-reduced whole out, both inside the executor) and tie locally, no traffic.
+    cfg = moe_layers(model)[0][1].cfg
+    assert_step_collectives(step.lower(model, opt, batch).compile().as_text(),
+                            slots=cfg.n_physical_experts, experts=cfg.n_routed_experts, dim=cfg.dim,
+                            inter=cfg.moe_inter_dim, layers=2, replicated_weights=3)
     part = loop.train(_cfg(tokens, str(tmp_path / "b"), 3), log=logs.append)
     assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path / "b"))] == [3]
     changed = _cfg(tokens, str(tmp_path / "b"), 6, resume=True)

@@ -198,6 +198,21 @@ def _relayout_sources(old_phy2log: jax.Array, new_phy2log: jax.Array, per_shard:
     return src.astype(jnp.int32), jnp.any(match, axis=1)
 
 
+def _slots_per_shard(leaves: list, num: int, axis_name: str, *, op: str, what: str) -> int:
+    """R / D slots per device under ``shard_map`` over ``axis_name`` (size D); checks that every
+    leaf has that leading axis."""
+    shards = lax.axis_size(axis_name)
+    if num % shards:
+        raise ValueError(f"{op}: the {num} slots must split evenly over axis {axis_name!r} of "
+                         f"size {shards}")
+    per = num // shards
+    for x in leaves:
+        if x.ndim < 1 or x.shape[0] != per:
+            raise ValueError(f"{op}: under shard_map every {what} must have leading axis {per} "
+                             f"(= {num} slots / {shards} shards), got shape {tuple(x.shape)}")
+    return per
+
+
 def relayout_expert_weights(weights: Any, old_phy2log: jax.Array, new_phy2log: jax.Array, *,
                             axis_name: str | None = None) -> Any:
     """Expert weights in the new physical order.
@@ -255,14 +270,7 @@ def relayout_expert_weights(weights: Any, old_phy2log: jax.Array, new_phy2log: j
         return jax.tree_util.tree_map(gather, weights)
 
     num_shards = lax.axis_size(axis_name)
-    if num % num_shards:
-        raise ValueError(f"{op}: the {num} slots must split evenly over axis {axis_name!r} of "
-                         f"size {num_shards}")
-    per = num // num_shards
-    for x in leaves:
-        if x.ndim < 1 or x.shape[0] != per:
-            raise ValueError(f"{op}: under shard_map every weight must have leading axis {per} "
-                             f"(= {num} slots / {num_shards} shards), got shape {tuple(x.shape)}")
+    per = _slots_per_shard(leaves, num, axis_name, op=op, what="weight")
     src, found = _relayout_sources(old, new, per)
     src_shard = jnp.where(found, src // per, -1)
     me = lax.axis_index(axis_name)
@@ -323,7 +331,8 @@ def round_robin_placement(num_experts: int, num_replicas: int
     return (jnp.asarray(phy2log, jnp.int32), jnp.asarray(log2phy), jnp.asarray(logcnt, jnp.int32))
 
 
-def tie_replica_grads(grads: Any, phy2log: jax.Array) -> Any:
+def tie_replica_grads(grads: Any, phy2log: jax.Array, *, axis_name: str | None = None,
+                      num_experts: int | None = None) -> Any:
     """Gradients that keep the replicas of every logical expert identical.
 
     A logical expert stored in several physical slots is one parameter used several times, so
@@ -332,9 +341,31 @@ def tie_replica_grads(grads: Any, phy2log: jax.Array) -> Any:
     (AdamW), and each replica follows exactly the update the un-replicated expert would get (up
     to float32 summation order). Jit-compatible (``phy2log`` may be traced).
 
+    Without ``axis_name`` it is a segment sum over the whole slot axis: under ``jit`` with the
+    slots sharded, XLA reduces the full ``[R, ...]`` gradient across the shards. With
+    ``axis_name`` (the sharded form), call it inside ``shard_map`` with the slot axis split over
+    that mesh axis of size D: only the slots whose expert has several replicas take part, at most
+    ``K = min(R, 2·(R - E))`` of them (each replicated expert has ``c >= 2`` slots and
+    ``c <= 2·(c - 1)``; the ``c - 1`` sum to ``R - E``). Each device writes its involved rows
+    into a float32 ``[K, ...]`` buffer at their rank among the involved slots, one ``psum`` over
+    ``axis_name`` assembles it (every row is non-zero on exactly one device, so the psum is exact
+    whatever its reduction order), and each involved slot takes the sum of its expert's rows,
+    summed in slot order: bit-identical to the global form on unsharded gradients (XLA's
+    partitioning of the global form on sharded ones sums per-shard partials first, which can
+    differ in float32 rounding for experts with 3+ replicas). Singleton slots are returned as
+    they came (no float32 round trip), and nothing moves when ``R == E``.
+
     Args:
-        grads: a pytree of arrays whose leading axis is the slot axis, ``[R, ...]`` each.
-        phy2log: int32 ``[R]``, the logical expert of every slot.
+        grads: a pytree of arrays whose leading axis is the slot axis, ``[R, ...]`` each, or
+            ``[R / D, ...]`` per device under ``shard_map`` with ``axis_name``.
+        phy2log: int32 ``[R]``, the logical expert of every slot (replicated, global).
+        axis_name: mesh axis the slots are sharded over, or None for the global form.
+        num_experts: E, required with ``axis_name`` (it sizes the static buffer). Every expert
+            ``0 .. E-1`` must hold at least one slot (true of every placement
+            :func:`~dsjax.eplb.rebalance_experts` and :func:`round_robin_placement` return).
+            Under ``shard_map`` the placement is traced, so this cannot raise: a placement that
+            breaks it with more than K replicated slots gets NaN in all of them (float
+            gradients), never a silently wrong gradient.
 
     Returns:
         A pytree like ``grads``: slot ``s`` holds ``Σ_{s': phy2log[s'] = phy2log[s]} grads[s']``.
@@ -343,16 +374,65 @@ def tie_replica_grads(grads: Any, phy2log: jax.Array) -> Any:
     checks.check_rank("phy2log", phy2log, op=op, exact=1, layout="[replicas]")
     _check_int_dtype("phy2log", phy2log, op=op)
     num = phy2log.shape[0]
+    ids = phy2log.astype(jnp.int32)
+    if axis_name is not None:
+        return _tie_sharded(grads, ids, axis_name, num_experts, op=op)
     for x in jax.tree_util.tree_leaves(grads):
         if x.ndim < 1 or x.shape[0] != num:
             raise ValueError(f"{op}: every gradient must have leading axis {num} (slots), got "
                              f"shape {tuple(x.shape)}")
-    ids = phy2log.astype(jnp.int32)
 
     def tie(g: jax.Array) -> jax.Array:
         # Logical ids are < R, so R segments always suffice without knowing E.
         total = jax.ops.segment_sum(g.astype(jnp.float32), ids, num_segments=num)
         return total[ids].astype(g.dtype)
+
+    return jax.tree_util.tree_map(tie, grads)
+
+
+def replicated_slot_bound(num_slots: int, num_experts: int) -> int:
+    """K = min(R, 2·(R - E)): the most slots whose expert has more than one replica, over all
+    placements of E experts (each holding at least one slot) on R slots."""
+    return min(num_slots, 2 * (num_slots - num_experts))
+
+
+def _tie_sharded(grads: Any, ids: jax.Array, axis_name: str, num_experts: int | None, *,
+                 op: str) -> Any:
+    """:func:`tie_replica_grads` with ``axis_name``: see there."""
+    num = ids.shape[0]
+    if (not isinstance(num_experts, (int, np.integer)) or isinstance(num_experts, bool)
+            or not 1 <= num_experts <= num):
+        raise ValueError(f"{op}: num_experts must be an int in [1, {num}] (the logical experts "
+                         f"of the {num} slots) with axis_name, got {num_experts!r}")
+    leaves = jax.tree_util.tree_leaves(grads)
+    per = _slots_per_shard(leaves, num, axis_name, op=op, what="gradient")
+    k = replicated_slot_bound(num, int(num_experts))
+    if k == 0 or not leaves:  # one slot per expert: nothing to tie
+        return grads
+    copies = jnp.zeros((num,), jnp.int32).at[ids].add(1, mode="drop")[ids]
+    involved = copies > 1                                               # [R]
+    row = jnp.cumsum(involved.astype(jnp.int32)) - 1                    # buffer row of each slot
+    overflow = row[-1] >= k         # only for a placement without some expert: see the docstring
+    fits = involved & ~overflow
+    # Expert of every buffer row (-1: unused), and the first row of the same expert: the
+    # segment its sum goes to. Rows are in slot order, so each expert sums in slot order.
+    row_expert = jnp.full((k,), -1, jnp.int32).at[jnp.where(fits, row, k)].set(ids, mode="drop")
+    first = jnp.argmax(row_expert[:, None] == row_expert[None, :], axis=1).astype(jnp.int32)
+    local = lax.axis_index(axis_name) * per + jnp.arange(per, dtype=jnp.int32)
+    mine, lost = fits[local], involved[local] & overflow
+    dest = jnp.where(mine, row[local], k)                               # k: not written
+    take = first[jnp.clip(row[local], 0, k - 1)]
+
+    def tie(g: jax.Array) -> jax.Array:
+        buf = jnp.zeros((k,) + g.shape[1:], jnp.float32).at[dest].set(
+            g.astype(jnp.float32), mode="drop")
+        buf = lax.psum(buf, axis_name)
+        total = jax.ops.segment_sum(buf, first, num_segments=k)
+        bshape = (per,) + (1,) * (g.ndim - 1)
+        out = jnp.where(mine.reshape(bshape), total[take].astype(g.dtype), g)
+        if jnp.issubdtype(g.dtype, jnp.inexact):
+            out = jnp.where(lost.reshape(bshape), jnp.asarray(jnp.nan, g.dtype), out)
+        return out
 
     return jax.tree_util.tree_map(tie, grads)
 
@@ -371,22 +451,9 @@ class BalanceStats(NamedTuple):
     imbalance: jax.Array
 
 
-def balance_stats(weight: jax.Array, phy2log: jax.Array | None, num_gpus: int) -> BalanceStats:
-    """GPU load statistics of a placement.
-
-    A replica carries ``weight[e] / (number of slots holding e)``; GPU ``g`` holds slots
-    ``[g * R / G, (g + 1) * R / G)``.
-
-    Args:
-        weight: [L, E] float or integer loads.
-        phy2log: int32 [L, R] placement, or None for the identity placement (expert ``e`` on
-            GPU ``e // (E / G)``, one replica each, i.e. no EPLB).
-        num_gpus: G; must divide R (or E for the identity placement).
-
-    Returns:
-        :class:`BalanceStats` with float32 [L] fields.
-    """
-    op = "balance_stats"
+def _check_placement(weight: jax.Array, phy2log: jax.Array | None, num_gpus: int, *, op: str
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Validated float32 weight [L, E] and int32 phy2log [L, R] (the identity when None)."""
     checks.check_rank("weight", weight, op=op, exact=2, layout="[layers, experts]")
     num_layers, num_experts = weight.shape
     w = jnp.asarray(weight).astype(jnp.float32)
@@ -404,16 +471,51 @@ def balance_stats(weight: jax.Array, phy2log: jax.Array | None, num_gpus: int) -
     if num_slots % num_gpus:
         raise ValueError(f"{op}: the {num_slots} slots must be a multiple of num_gpus, "
                          f"got num_gpus={num_gpus}")
-    return _balance_stats(w, jnp.asarray(phy2log).astype(jnp.int32), num_gpus)
+    return w, jnp.asarray(phy2log).astype(jnp.int32)
+
+
+def rank_loads(weight: jax.Array, phy2log: jax.Array | None, num_gpus: int) -> jax.Array:
+    """Load of every GPU (EP rank) under a placement: the one definition the statistics, the
+    rebalancing reports and the training loop share.
+
+    A replica carries ``weight[e] / (number of slots holding e)``; GPU ``g`` holds slots
+    ``[g * R / G, (g + 1) * R / G)``.
+
+    Args:
+        weight: [L, E] float or integer loads.
+        phy2log: int32 [L, R] placement, or None for the identity placement (expert ``e`` on
+            GPU ``e // (E / G)``, one replica each, i.e. no EPLB).
+        num_gpus: G; must divide R (or E for the identity placement).
+
+    Returns:
+        float32 [L, G]; each row sums to the layer's total load (up to float32 rounding).
+    """
+    w, phy = _check_placement(weight, phy2log, num_gpus, op="rank_loads")
+    return _rank_loads(w, phy, num_gpus)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _rank_loads(w: jax.Array, phy2log: jax.Array, num_gpus: int) -> jax.Array:
+    num_layers, num_experts = w.shape
+    cnt = jax.vmap(lambda p: jnp.zeros((num_experts,), jnp.float32).at[p].add(1.0))(phy2log)
+    per_slot = jnp.take_along_axis(w / jnp.maximum(cnt, 1.0), phy2log, axis=1)
+    return per_slot.reshape(num_layers, num_gpus, -1).sum(-1)
+
+
+def balance_stats(weight: jax.Array, phy2log: jax.Array | None, num_gpus: int) -> BalanceStats:
+    """GPU load statistics of a placement: ``weight``, ``phy2log`` and ``num_gpus`` as in
+    :func:`rank_loads`, whose GPU loads these summarize.
+
+    Returns:
+        :class:`BalanceStats` with float32 [L] fields.
+    """
+    w, phy = _check_placement(weight, phy2log, num_gpus, op="balance_stats")
+    return _balance_stats(w, phy, num_gpus)
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _balance_stats(w: jax.Array, phy2log: jax.Array, num_gpus: int) -> BalanceStats:
-    num_layers, num_experts = w.shape
-    cnt = jax.vmap(lambda p: jnp.zeros((num_experts,), jnp.float32).at[p].add(1.0))(phy2log)
-    per_slot = jnp.take_along_axis(w / jnp.maximum(cnt, 1.0), phy2log, axis=1)
-    gpu = per_slot.reshape(num_layers, num_gpus, -1).sum(-1)
-    max_load = gpu.max(-1)
+    max_load = _rank_loads(w, phy2log, num_gpus).max(-1)
     mean_load = w.sum(-1) / num_gpus
     imbalance = jnp.where(mean_load > 0, max_load / jnp.where(mean_load > 0, mean_load, 1.0), 1.0)
     return BalanceStats(max_load, mean_load, imbalance)

@@ -14,7 +14,10 @@ for the worst case (every token of every EP rank on one rank), so no token can b
 
 The per-rank body is the public :func:`ep_local_experts`, for callers that are already inside
 a ``shard_map`` (a pipeline stage); :func:`ep_routed_fn` wraps it in one. With redundant experts
-(EPLB) the "experts" here are the physical slots: DeepSeekMoE maps logical ids to slots before.
+(EPLB) the "experts" here are the physical slots: given the placement, the body maps each
+device's logical ids to replica slots itself (:func:`dsjax.eplb.replica_route` on its own tokens,
+salted by the device's index so the remainders rotate over the replicas), so no global sort of
+the routing runs; both the flat EP step and the pipeline stages route this way.
 
 With ``fp8=True`` each rank runs its local experts with FP8 grouped GEMMs on the contiguous layout
 (:func:`dsjax.nn.moe.routed_experts_fp8`) over the rows it received; the layout's static row
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsjax import deep_ep
+from dsjax.eplb import replica_route
 from dsjax.nn.layers import vary_over
 from dsjax.nn.moe import routed_experts_dense, routed_experts_fp8
 
@@ -42,7 +46,9 @@ if _shard_map is None:  # pragma: no cover - older JAX
 def ep_local_experts(xl: jax.Array, wl: jax.Array, il: jax.Array, w1l: jax.Array,
                      w3l: jax.Array, w2l: jax.Array, *, num_experts: int, ep_axis: str,
                      num_worst_tokens: int, implementation: str = "auto", fp8: bool = False,
-                     dp_axes: Sequence[str] = ()) -> jax.Array:
+                     dp_axes: Sequence[str] = (),
+                     placement: tuple[jax.Array, jax.Array] | None = None,
+                     token_axes: Sequence[str] | None = None) -> jax.Array:
     """The per-rank body of :func:`ep_routed_fn`: dispatch, local experts, combine.
 
     Call it INSIDE a ``jax.shard_map`` (or any context where ``ep_axis`` is a bound mesh axis);
@@ -52,7 +58,8 @@ def ep_local_experts(xl: jax.Array, wl: jax.Array, il: jax.Array, w1l: jax.Array
     Args:
         xl: ``[t, D]`` this device's tokens (float32 or bfloat16).
         wl: ``[t, K]`` gating weights (cast to float32).
-        il: int32 ``[t, K]`` expert ids in ``[0, num_experts)``; negative means "no expert".
+        il: int32 ``[t, K]`` expert ids in ``[0, num_experts)`` (physical slots), or logical
+            expert ids when ``placement`` is given; negative means "no expert".
         w1l, w3l: ``[E/R, D, I]``; w2l: ``[E/R, I, D]``, this rank's experts, in xl's dtype.
         num_experts: E, the global number of experts (slots); a multiple of R.
         ep_axis: the expert-parallel mesh axis name (size R).
@@ -63,6 +70,12 @@ def ep_local_experts(xl: jax.Array, wl: jax.Array, il: jax.Array, w1l: jax.Array
             float computation.
         dp_axes: the other mesh axes the tokens are split over (data parallelism); with ``fp8``
             the weights are marked varying over them so their gradient is summed over them.
+        placement: ``(log2phy int32 [E_logical, X], logcnt int32 [E_logical])`` of the layer's
+            redundant experts (replicated), or None. Given, ``il`` holds logical ids and is
+            mapped to slots here by :func:`dsjax.eplb.replica_route` with salt = this device's
+            linear index over ``token_axes``.
+        token_axes: the mesh axes this device's tokens are split over, in mesh order (default
+            ``(*dp_axes, ep_axis)``); only read with ``placement``.
 
     Returns:
         ``[t, D]`` in xl's dtype: Σ_k wl[:, k] · expert_{il[:, k]}(xl) for this device's tokens.
@@ -72,6 +85,9 @@ def ep_local_experts(xl: jax.Array, wl: jax.Array, il: jax.Array, w1l: jax.Array
         raise ValueError(f"ep_local_experts: num_experts ({num_experts}) must be a multiple of the "
                          f"EP size {ranks} (axis {ep_axis!r}) and each rank must hold "
                          f"num_experts / {ranks} experts; got w1l with {w1l.shape[0]}")
+    if placement is not None:
+        axes = tuple(token_axes) if token_axes is not None else (*dp_axes, ep_axis)
+        il = replica_route(il, *placement, salt=jax.lax.axis_index(axes))
     recv_x, recv_idx, recv_w, _, handle = deep_ep.dispatch(
         xl, il, wl.astype(jnp.float32), num_experts=num_experts, axis_name=ep_axis,
         num_worst_tokens=num_worst_tokens, implementation=implementation)
@@ -108,12 +124,15 @@ def ep_routed_fn(mesh: Mesh, *, ep_axis: str = "ep", token_axes: Sequence[str] |
 
     Returns:
         ``fn(x [T, D], weights f32 [T, K], indices i32 [T, K], w1 [E, D, I], w3 [E, D, I],
-        w2 [E, I, D]) -> [T, D]`` (x's dtype), equal to :func:`routed_experts_dense` up to the
-        order of float32 sums. With ``fp8`` the forward equals :func:`routed_experts_fp8` on one
-        device up to summation order (its quantization is per row and per weight block); the
-        weight gradients differ by FP8 rounding, Wgrad's 1x128 tiles running along the rows each
-        rank holds. T must be a multiple of the number of devices in ``token_axes`` (a
-        ValueError says so, at trace time). Negative indices mean "no expert".
+        w2 [E, I, D], *, placement=None) -> [T, D]`` (x's dtype), equal to
+        :func:`routed_experts_dense` up to the order of float32 sums. With ``fp8`` the forward
+        equals :func:`routed_experts_fp8` on one device up to summation order (its quantization
+        is per row and per weight block); the weight gradients differ by FP8 rounding, Wgrad's
+        1x128 tiles running along the rows each rank holds. With ``placement=(log2phy,
+        logcnt)`` the indices are logical expert ids, routed to replica slots on each device
+        (:func:`ep_local_experts`). T must be a multiple of the number of devices in
+        ``token_axes`` (a ValueError says so, at trace time). Negative indices mean "no expert".
+        The function carries ``routes_replicas = True`` and its ``ep_mesh`` / ``ep_axis``.
 
     Cached per arguments (``token_axes`` must then be a tuple or None), so models switched to
     EP with the same mesh share one function object and hence their jit compilations.
@@ -133,7 +152,7 @@ def ep_routed_fn(mesh: Mesh, *, ep_axis: str = "ep", token_axes: Sequence[str] |
     dp_axes = tuple(a for a in axes if a != ep_axis)
 
     def fn(x: jax.Array, weights: jax.Array, indices: jax.Array, w1: jax.Array, w3: jax.Array,
-           w2: jax.Array) -> jax.Array:
+           w2: jax.Array, *, placement: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         t, e = x.shape[0], w1.shape[0]
         if t % shards:
             raise ValueError(f"ep_routed_fn: the token count ({t}) must be a multiple of the "
@@ -144,14 +163,21 @@ def ep_routed_fn(mesh: Mesh, *, ep_axis: str = "ep", token_axes: Sequence[str] |
         # Worst case: every token of every EP rank lands on this rank; nothing can be dropped.
         worst = ranks * (t // shards)
 
-        local = functools.partial(ep_local_experts, num_experts=e, ep_axis=ep_axis,
-                                  num_worst_tokens=worst, implementation=implementation, fp8=fp8,
-                                  dp_axes=dp_axes)
-        sm = _shard_map(local, mesh=mesh,
-                        in_specs=(tok_spec, tok_spec, tok_spec, exp_spec, exp_spec, exp_spec),
-                        out_specs=tok_spec)
-        return sm(x, weights, indices, w1, w3, w2)
+        def local(*args):
+            return ep_local_experts(*args[:6], num_experts=e, ep_axis=ep_axis,
+                                    num_worst_tokens=worst, implementation=implementation, fp8=fp8,
+                                    dp_axes=dp_axes, placement=args[6:] or None, token_axes=axes)
 
+        extra = () if placement is None else tuple(placement)
+        sm = _shard_map(local, mesh=mesh,
+                        in_specs=(tok_spec, tok_spec, tok_spec, exp_spec, exp_spec, exp_spec)
+                        + (P(),) * len(extra), out_specs=tok_spec)
+        return sm(x, weights, indices, w1, w3, w2, *extra)
+
+    # DeepSeekMoE hands it logical ids and the placement (routing per device), and the replica
+    # gradient tying finds the slot layout here (dsjax.nn.moe.tie_expert_replica_grads).
+    fn.routes_replicas = True
+    fn.ep_mesh, fn.ep_axis = mesh, ep_axis
     return fn
 
 

@@ -16,19 +16,22 @@ With ``cfg.n_redundant_experts > 0`` the layer follows DeepSeek-V3's deployment 
 (``phy2log [P]``, ``log2phy [E, P - E + 1]``, ``logcnt [E]``) is non-trainable state. Routing,
 the bias and the load stay per *logical* expert (what EPLB balances); the chosen logical ids are
 then mapped to physical slots by :func:`dsjax.eplb.replica_route`, which spreads each expert's
-tokens evenly and deterministically over its replicas, and the routed experts (dense, FP8 or EP)
-run on the P slots unchanged. Replicas are kept identical by :func:`tie_expert_replica_grads`
-(applied to the gradients before the optimizer); :mod:`dsjax.train.rebalance` re-places them.
+tokens evenly and deterministically over its replicas (under expert parallelism on each device's
+own tokens, inside the EP body), and the routed experts (dense, FP8 or EP) run on the P slots
+unchanged. Replicas are kept identical by :func:`tie_expert_replica_grads` (applied to the
+gradients before the optimizer; with the slots split over an EP axis it exchanges only the
+replicated slots' rows); :mod:`dsjax.train.rebalance` re-places them.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
 from dsjax.deep_gemm import fp8_grouped_linear, get_m_alignment_for_contiguous_layout
 from dsjax.eplb import replica_route, round_robin_placement, tie_replica_grads
@@ -148,9 +151,14 @@ class DeepSeekMoE(nnx.Module):
         cfg: model configuration (experts, groups, routing scale, balance settings).
         rngs: parameter initialization.
         routed_fn: computes the routed experts from (x [T, D], weights [T, K], indices [T, K],
-            w1, w3, w2); defaults to :func:`routed_experts_fp8` when ``cfg.use_fp8`` (the shared
-            experts are then :class:`~dsjax.nn.fp8.Fp8Linear` too), else
-            :func:`routed_experts_dense`. The router gate stays in high precision either way.
+            w1, w3, w2) with indices in physical slots. With redundant experts the layer maps its
+            logical ids to slots by :func:`~dsjax.eplb.replica_route` first, unless the function
+            has the attribute ``routes_replicas = True`` (the expert-parallel ones of
+            :mod:`dsjax.nn.ep` and :mod:`dsjax.train.pipeline`): it then gets the logical ids
+            and ``placement=(log2phy, logcnt)`` and routes each device's tokens itself.
+            Defaults to :func:`routed_experts_fp8` when ``cfg.use_fp8`` (the shared experts are
+            then :class:`~dsjax.nn.fp8.Fp8Linear` too), else :func:`routed_experts_dense`. The
+            router gate stays in high precision either way.
     """
 
     def __init__(self, cfg: DeepSeekV3Config, *, rngs: nnx.Rngs,
@@ -195,11 +203,17 @@ class DeepSeekMoE(nnx.Module):
         if cfg.seq_aux_alpha > 0:
             self.aux_loss[...] = router.sequence_balance_loss(
                 r.scores.reshape(b, s, -1), r.indices.reshape(b, s, -1), alpha=cfg.seq_aux_alpha)
-        slots = r.indices
-        if self.phy2log is not None:
+        experts = tuple(w[...].astype(x.dtype) for w in (self.w1, self.w3, self.w2))
+        if self.phy2log is None:
+            y = self.routed_fn(flat, r.weights, r.indices, *experts)
+        elif getattr(self.routed_fn, "routes_replicas", False):
+            # Expert-parallel functions map logical ids to replicas on each device's own tokens
+            # (dsjax.nn.ep.ep_local_experts): no global sort, and the remainders rotate per device.
+            y = self.routed_fn(flat, r.weights, r.indices, *experts,
+                               placement=(self.log2phy[...], self.logcnt[...]))
+        else:
             slots = replica_route(r.indices, self.log2phy[...], self.logcnt[...])
-        y = self.routed_fn(flat, r.weights, slots, self.w1[...].astype(x.dtype),
-                           self.w3[...].astype(x.dtype), self.w2[...].astype(x.dtype))
+            y = self.routed_fn(flat, r.weights, slots, *experts)
         y = y.reshape(b, s, d)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -229,14 +243,26 @@ def key_path(path: tuple) -> tuple:
 
 def routed_weight_owner(path: tuple, layers: list[tuple[tuple, "DeepSeekMoE"]]) -> int | None:
     """Index into ``layers`` of the MoE layer whose routed weight (or its optimizer moment) sits
-    at state path ``path`` (plain keys), or None. An optimizer moment's path ends with the
-    parameter's path, so the longest matching layer path wins."""
+    at state path ``path``, or None: the one test of "is this leaf a routed expert weight" that
+    the training loop's placement, the pipeline's parameter specs, the rebalancer, the gradient
+    tying and the expert-counted norm all use.
+
+    Args:
+        path: a ``jax.tree_util`` key path or plain keys (normalized by :func:`key_path`).
+        layers: ``(path, layer)`` pairs as :func:`moe_layers` returns them (only the paths are
+            read); paths relative to a sub-module match that sub-module's states.
+
+    Returns:
+        The index of the longest layer path that, followed by ``w1``/``w3``/``w2``, ends
+        ``path`` (an optimizer moment's path ends with its parameter's path), or None.
+    """
+    path = key_path(path)
     if not path or path[-1] not in ROUTED_WEIGHTS:
         return None
     best, best_len = None, -1
     for i, (p, _) in enumerate(layers):
         n = len(p)
-        if len(path) >= n + 1 and tuple(path[-n - 1:-1]) == p and n > best_len:
+        if len(path) >= n + 1 and tuple(path[-n - 1:-1]) == tuple(p) and n > best_len:
             best, best_len = i, n
     return best
 
@@ -261,7 +287,7 @@ def expert_global_norm(model: nnx.Module, grads: nnx.State) -> jax.Array:
     total = jnp.zeros((), jnp.float32)
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         sq = jnp.square(jnp.asarray(g, jnp.float32))
-        i = routed_weight_owner(key_path(path), layers)
+        i = routed_weight_owner(path, layers)
         moe = layers[i][1] if i is not None else None
         if moe is not None and moe.phy2log is not None:
             copies = moe.logcnt[...][moe.phy2log[...]].astype(jnp.float32)  # [P] replicas of each slot's expert
@@ -271,17 +297,33 @@ def expert_global_norm(model: nnx.Module, grads: nnx.State) -> jax.Array:
     return jnp.sqrt(total)
 
 
-def tie_expert_replica_grads(model: nnx.Module, grads: nnx.State) -> nnx.State:
+def tie_expert_replica_grads(model: nnx.Module, grads: nnx.State, *,
+                             mesh: Mesh | Mapping[tuple, Mesh | None] | None = None,
+                             ep_axis: str = "ep") -> nnx.State:
     """Applies :func:`dsjax.eplb.tie_replica_grads` to the routed-weight gradients of every MoE
     layer with redundant experts (a no-op, returning ``grads``, when there is none).
 
     Call it inside the training step between ``nnx.value_and_grad`` and ``opt.update``: the
     replicas of each logical expert then receive the same (summed) gradient and stay identical.
 
+    When the slots are split over an expert-parallel mesh axis, the sharded form runs (under
+    ``shard_map``, slots ``P(ep_axis)``): only the replicated experts' slots are exchanged, by one
+    ``psum`` of a ``[min(P, 2·(P - E)), ...]`` buffer per layer, instead of XLA reducing the full
+    ``[P, ...]`` gradients across the EP ranks; the result is the same. A layer's mesh is
+    ``mesh`` (or its entry in a ``mesh`` mapping) if given, else the one of the layer's
+    ``routed_fn`` when that is an expert-parallel function of :func:`dsjax.nn.ep.ep_routed_fn`
+    (its ``ep_mesh`` / ``ep_axis`` attributes), else none: the global segment sum, which is also
+    the right form for gradients that are replicated anyway (no communication at all).
+
     Args:
         model: the model the gradients were taken of.
         grads: the gradient state (``nnx.State`` of the model's parameters, as returned by
             ``nnx.grad``).
+        mesh: the mesh whose ``ep_axis`` splits the routed weights' slot axis (every other mesh
+            axis holds them replicated); or a mapping from MoE layer path (as in
+            :func:`moe_layers`) to such a mesh or None (global form; also for absent paths); or
+            None (see above).
+        ep_axis: that axis's name when ``mesh`` is given.
 
     Returns:
         The gradient state with tied routed-weight gradients.
@@ -289,22 +331,40 @@ def tie_expert_replica_grads(model: nnx.Module, grads: nnx.State) -> nnx.State:
     layers = moe_layers(model)
     if not any(m.phy2log is not None for _, m in layers):
         return grads
-
-    tied = []
-
-    def tie(path, g):
-        i = routed_weight_owner(key_path(path), layers)
-        if i is None or layers[i][1].phy2log is None:
-            return g
-        tied.append(i)
-        return tie_replica_grads(g, layers[i][1].phy2log[...])
-
-    out = jax.tree_util.tree_map_with_path(tie, grads)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    out = [g for _, g in leaves]
+    owned: dict[int, list[int]] = {}
+    for j, (path, _) in enumerate(leaves):
+        i = routed_weight_owner(path, layers)
+        if i is not None and layers[i][1].phy2log is not None:
+            owned.setdefault(i, []).append(j)
     # Untied replicas would drift apart silently: every replicated layer's three weights must
     # have been found (grads of another module or filter than the model's parameters are not).
-    want = 3 * sum(m.phy2log is not None for _, m in layers)
-    if len(tied) != want:
+    found, want = sum(map(len, owned.values())), 3 * sum(m.phy2log is not None for _, m in layers)
+    if found != want:
         raise ValueError(f"tie_expert_replica_grads: grads must be the gradient state of model's "
-                         f"parameters; found {len(tied)} of the {want} routed-weight gradients of its "
+                         f"parameters; found {found} of the {want} routed-weight gradients of its "
                          f"layers with redundant experts")
-    return out
+    for i, js in owned.items():
+        moe = layers[i][1]
+        if isinstance(mesh, Mapping):
+            m, axis = mesh.get(layers[i][0]), ep_axis
+        elif mesh is not None:
+            m, axis = mesh, ep_axis
+        else:
+            m, axis = getattr(moe.routed_fn, "ep_mesh", None), getattr(moe.routed_fn, "ep_axis", None)
+        phy2log, gs = moe.phy2log[...], tuple(out[j] for j in js)
+        if m is None:
+            tied = tie_replica_grads(gs, phy2log)
+        else:
+            tied = _sharded_tie(m, axis, moe.cfg.n_routed_experts)(gs, phy2log)
+        for j, t in zip(js, tied):
+            out[j] = t
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.cache
+def _sharded_tie(mesh: Mesh, axis: str, num_experts: int) -> Callable[..., tuple]:
+    """``fn(grads tuple of [P, ...], phy2log [P])``: the sharded replica tie over ``axis``."""
+    body = functools.partial(tie_replica_grads, axis_name=axis, num_experts=num_experts)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis))

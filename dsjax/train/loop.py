@@ -20,9 +20,11 @@ One step (DeepSeek-V3 technical report, arXiv:2412.19437, §2.1-2.2 and §3.2):
 * AdamW (optax, warmup then constant learning rate, global-norm clipping);
 * the auxiliary-loss-free bias update of every MoE layer from the step's observed expert load;
 * EPLB (DeepSeek-V3 report §3.4): every MoE layer stores its routed experts in ``E +
-  redundant_experts`` physical slots (default: one extra slot per EP rank), tokens are routed to
-  the replicas of their logical expert (:func:`dsjax.eplb.replica_route`), and the replicas'
-  gradients are tied so they stay identical. The logical load goes into a sliding-window
+  redundant_experts`` physical slots (default: one extra slot per EP rank), each device routes
+  its tokens to the replicas of their logical expert (:func:`dsjax.eplb.replica_route` inside the
+  EP body), and the replicas' gradients are tied so they stay identical, by one psum over ``ep``
+  of only the replicated slots' rows (:func:`dsjax.nn.moe.tie_expert_replica_grads`; the whole
+  expert gradients never cross the EP ranks). The logical load goes into a sliding-window
   :class:`dsjax.eplb.ExpertLoadTracker`; every ``rebalance_every`` steps
   :func:`dsjax.train.rebalance.rebalance_model` re-solves the placement with
   :func:`dsjax.eplb.rebalance_experts`, moves the expert weights and their AdamW moments to their
@@ -154,38 +156,36 @@ def _optimizer_for(lr: float, warmup: int, weight_decay: float):
     return optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=weight_decay)
 
 
-def clip_grads(model, grads, max_norm: float):
+def clip_grads(model, grads, max_norm: float, *, mesh=None):
     """Ties the replica gradients of redundant experts, then clips by the global norm that
     counts every logical expert once (:func:`dsjax.nn.moe.expert_global_norm`; optax's
     ``clip_by_global_norm`` rule). A model with redundant experts thus takes exactly the steps of
-    the same model without them."""
+    the same model without them. ``mesh``: the layers' expert meshes for the replica tie (a mesh or
+    a per-layer mapping, :func:`dsjax.nn.moe.tie_expert_replica_grads`; the pipeline gives its
+    own); without it the mesh of the layers' EP function is used, if any."""
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from dsjax.nn.moe import expert_global_norm, tie_expert_replica_grads  # pylint: disable=import-outside-toplevel
 
-    grads = tie_expert_replica_grads(model, grads)
+    grads = tie_expert_replica_grads(model, grads, mesh=mesh)
     norm = expert_global_norm(model, grads)
     return jax.tree.map(lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), grads)
 
 
-def _moe_layers(model) -> list:
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-    from dsjax.nn.moe import DeepSeekMoE  # pylint: disable=import-outside-toplevel
-    return [node for _, node in nnx.iter_graph(model) if isinstance(node, DeepSeekMoE)]
-
-
-def _place(tree, mesh):
+def _place(tree, mesh, model):
     """Puts a model or optimizer state on the mesh: the routed experts' weights (and their AdamW
-    moments) ``[E, ...]`` split over ``ep`` (rank r holds experts ``[r·E/R, (r+1)·E/R)``, the
-    layout :mod:`dsjax.nn.ep` computes with), everything else replicated."""
+    moments) ``[E, ...]`` of ``model``'s MoE layers split over ``ep`` (rank r holds experts
+    ``[r·E/R, (r+1)·E/R)``, the layout :mod:`dsjax.nn.ep` computes with), everything else
+    replicated."""
     import jax  # pylint: disable=import-outside-toplevel
     from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.moe import moe_layers, routed_weight_owner  # pylint: disable=import-outside-toplevel
 
     experts, replicated = NamedSharding(mesh, P("ep")), NamedSharding(mesh, P())
+    layers = moe_layers(model)
 
     def put(path, x):
-        keys = [getattr(k, "key", None) for k in path]
-        routed = x.ndim == 3 and any(a == "ffn" and b in ("w1", "w2", "w3") for a, b in zip(keys, keys[1:]))
+        routed = routed_weight_owner(path, layers) is not None
         return jax.device_put(x, experts if routed else replicated)
 
     return jax.tree_util.tree_map_with_path(put, tree)
@@ -219,6 +219,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     from dsjax.io import TokenDataset  # pylint: disable=import-outside-toplevel
     from dsjax.nn.ep import use_expert_parallelism  # pylint: disable=import-outside-toplevel
     from dsjax.nn.layers import shard_fp8_linears  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.moe import moe_layers  # pylint: disable=import-outside-toplevel
     from dsjax.nn.model import DeepSeekV3  # pylint: disable=import-outside-toplevel
     from dsjax.train.mesh import make_mesh  # pylint: disable=import-outside-toplevel
     from dsjax.train.rebalance import placement, rebalance_model  # pylint: disable=import-outside-toplevel
@@ -269,7 +270,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
             raise UsageError(f"--mesh pp={cfg.mesh['pp']} --schedule {cfg.schedule} --microbatches "
                              f"{cfg.microbatches}: {e}") from None
         pipe.prepare(model)
-        n_moe = len(_moe_layers(model))
+        n_moe = len(moe_layers(model))
     else:
         n_moe = use_expert_parallelism(model, mesh, ep_axis="ep", implementation=cfg.implementation)
         # FP8 linears are custom calls that jit would otherwise run on the whole batch on every device.
@@ -277,10 +278,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     opt = nnx.Optimizer(model, _optimizer(cfg), wrt=nnx.Param)
     # Every array gets the same explicit placement on fresh and resumed runs (restoring takes
     # these arrays as its target): the compiled step, hence every rounding, is then identical.
-    nnx.update(model, _place(nnx.state(model), mesh))
-    nnx.update(opt, _place(nnx.state(opt), mesh))
+    nnx.update(model, _place(nnx.state(model), mesh, model))
+    nnx.update(opt, _place(nnx.state(opt), mesh, model))
     ep_size, n_experts = cfg.mesh["ep"], mcfg.n_routed_experts
-    tracker = _place(eplb.ExpertLoadTracker.create(n_moe, n_experts, window=cfg.rebalance_every), mesh)
+    tracker = _place(eplb.ExpertLoadTracker.create(n_moe, n_experts, window=cfg.rebalance_every), mesh, model)
     history: dict[str, Any] = {"step": [], "loss": [], "lm": [], "mtp": [], "imbalance": [], "rebalances": []}
     start = 0
     if cfg.resume:
@@ -360,6 +361,7 @@ def _train_step(clip: float):
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from dsjax.nn.model import lm_loss, update_expert_biases  # pylint: disable=import-outside-toplevel
+    from dsjax.nn.moe import moe_layers  # pylint: disable=import-outside-toplevel
 
     @nnx.jit
     def train_step(model, opt, batch):
@@ -371,7 +373,7 @@ def _train_step(clip: float):
         (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         # Replicas of a logical expert get its whole gradient, so they stay identical.
         opt.update(model, clip_grads(model, grads, clip))
-        loads = jnp.stack([moe.load[...] for moe in _moe_layers(model)])
+        loads = jnp.stack([moe.load[...] for _, moe in moe_layers(model)])
         update_expert_biases(model)
         return parts, loads
 
@@ -395,7 +397,7 @@ def _pipeline_step(pipe, clip: float):
     @nnx.jit
     def train_step(model, opt, batch):
         parts, grads, stats = pipe.loss_and_grads(model, batch)
-        opt.update(model, clip_grads(model, grads, clip))
+        opt.update(model, clip_grads(model, grads, clip, mesh=pipe.expert_meshes(model)))
         pipe.set_loads(model, stats.loads)
         update_expert_biases(model)
         return parts, stats.loads
@@ -412,20 +414,18 @@ def _rebalance(tracker, mcfg, ep_size: int, step: int, log: Callable[[str], None
     """EPLB over the tracker's window: imbalance of the EP ranks before and after placement."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     from dsjax import eplb  # pylint: disable=import-outside-toplevel
+    from dsjax.eplb.online import rank_loads  # pylint: disable=import-outside-toplevel
 
     load = tracker.load()
     e = load.shape[1]
     res = eplb.rebalance_experts(load, e + ep_size, mcfg.n_expert_groups, 1, ep_size)
     before = eplb.balance_stats(load, None, ep_size)
     after = eplb.balance_stats(load, res.phy2log, ep_size)
-    w, phy = np.asarray(load), np.asarray(res.phy2log)
     # Per-EP-rank load of every MoE layer, before (expert e on rank e // (E/ep)) and after.
-    gpu_before = w.reshape(w.shape[0], ep_size, -1).sum(-1)
-    share = w / np.maximum(np.stack([np.bincount(p, minlength=e) for p in phy]), 1)
-    gpu_after = np.take_along_axis(share, phy, 1).reshape(w.shape[0], ep_size, -1).sum(-1)
     rec = {"step": step, "imbalance_before": float(np.mean(before.imbalance)),
-           "imbalance_after": float(np.mean(after.imbalance)), "replicas": int(phy.shape[1]),
-           "rank_load_before": gpu_before.tolist(), "rank_load_after": gpu_after.tolist(),
+           "imbalance_after": float(np.mean(after.imbalance)), "replicas": int(res.phy2log.shape[1]),
+           "rank_load_before": np.asarray(rank_loads(load, None, ep_size)).tolist(),
+           "rank_load_after": np.asarray(rank_loads(load, res.phy2log, ep_size)).tolist(),
            "first_step": max(1, step - tracker.window + 1),
            "layers": [f"layer {mcfg.n_dense_layers + i}" for i in range(mcfg.n_layers - mcfg.n_dense_layers)]
            + (["MTP block"] if mcfg.mtp_depth else [])}

@@ -41,26 +41,26 @@ from dsjax.dualpipe import DualPipe, make_schedule
 from dsjax.nn.ep import ep_local_experts
 from dsjax.nn.layers import shard_fp8_linears
 from dsjax.nn.model import DeepSeekV3, LossParts
-from dsjax.nn.moe import DeepSeekMoE
+from dsjax.nn.moe import DeepSeekMoE, moe_layers, routed_weight_owner
 
 
 @functools.cache
-def local_routed_fn(ep_axis: str, ep_size: int, implementation: str, fp8: bool):
+def local_routed_fn(ep_axis: str, ep_size: int, implementation: str, fp8: bool,
+                    token_axes: tuple[str, ...] = ("dp", "ep")):
     """A ``routed_fn`` for :class:`DeepSeekMoE` inside a stage (ep_axis already bound): the
-    weights it gets are this rank's ``E/ep`` experts. Cached so equal settings share one function
-    (the model's graph, hence the step's compilation, stays the same across runs)."""
-    def fn(x, weights, indices, w1, w3, w2):
+    weights it gets are this rank's ``E/ep`` experts; with redundant experts it gets logical ids
+    and the placement and routes this device's tokens to replicas, salted by the device's index
+    over ``token_axes`` (the same code as the flat EP step, :func:`dsjax.nn.ep.ep_local_experts`).
+    Cached so equal settings share one function (the model's graph, hence the step's
+    compilation, stays the same across runs)."""
+    def fn(x, weights, indices, w1, w3, w2, *, placement=None):
         # dp_axes=(): the executor sums the weight gradients over the data axes itself.
         return ep_local_experts(x, weights, indices, w1, w3, w2, num_experts=w1.shape[0] * ep_size,
                                 ep_axis=ep_axis, num_worst_tokens=ep_size * x.shape[0],
-                                implementation=implementation, fp8=fp8, dp_axes=())
+                                implementation=implementation, fp8=fp8, dp_axes=(),
+                                placement=placement, token_axes=token_axes)
+    fn.routes_replicas = True
     return fn
-
-
-def _is_routed(path, leaf) -> bool:
-    keys = [getattr(k, "key", None) for k in path]
-    return getattr(leaf, "ndim", 0) == 3 and any(
-        a == "ffn" and b in ("w1", "w2", "w3") for a, b in zip(keys, keys[1:]))
 
 
 class Pipeline:
@@ -94,7 +94,8 @@ class Pipeline:
         self.per_stage = n_moe // stages
         self.data_axes = ("dp", "ep")
         self.num_microbatches = num_microbatches
-        self.routed_fn = local_routed_fn("ep", mesh.shape["ep"], implementation, bool(cfg.use_fp8))
+        self.routed_fn = local_routed_fn("ep", mesh.shape["ep"], implementation, bool(cfg.use_fp8),
+                                         self.data_axes)
         self._executors: dict = {}  # per (block graph, loss-module graphs): one executor, one compilation
 
     def prepare(self, model: DeepSeekV3) -> None:
@@ -151,10 +152,15 @@ class Pipeline:
             return loss, stats
         return loss_fn
 
-    def _executor(self, gd_block, gds) -> DualPipe:
-        key = (gd_block, tuple(sorted(gds.items(), key=lambda kv: kv[0])))
+    def _executor(self, gd_block, gds, block_moes: tuple[tuple, ...]) -> DualPipe:
+        """``block_moes``: the paths of the MoE layers inside one block (``(("ffn",),)``)."""
+        key = (gd_block, tuple(sorted(gds.items(), key=lambda kv: kv[0])), block_moes)
         if key not in self._executors:
-            specs = lambda path, leaf: P("ep") if _is_routed(path, leaf) else None  # noqa: E731
+            owners = [(p, None) for p in block_moes]
+
+            def specs(path, leaf):  # a stage's routed weights are split over ep like the model's
+                return P("ep") if routed_weight_owner(path, owners) is not None else None
+
             self._executors[key] = DualPipe(self._stage_fn(gd_block), self._loss_fn(gds), schedule=self.schedule,
                                             mesh=self.mesh, data_axes=self.data_axes, param_specs=specs,
                                             with_stats=True)
@@ -211,7 +217,7 @@ class Pipeline:
         def to_mb(a):  # [B, ...] -> [n, B/n, ...], micro-batch m = rows m, m+n, ...
             return jnp.swapaxes(a.reshape((b // n, n) + a.shape[1:]), 0, 1)
 
-        ex = self._executor(gd_block, gds)
+        ex = self._executor(gd_block, gds, tuple(p for p, _ in moe_layers(model.layers[nd])))
         res = ex.step_detailed(stage_args, to_mb(x), to_mb(tokens), loss_params=(lp_params, lp_rest))
         # The executor differentiates the SUM over micro-batches of their losses; the model's loss
         # is their mean (equal micro-batches), so every gradient is divided by n.
@@ -232,6 +238,14 @@ class Pipeline:
         if has_mtp:
             loads.append(lstats["mtp_load"])
         return LossParts(total, lm, mtp, balance), grads, StepStats(jnp.stack(loads), res.op_log)
+
+    def expert_meshes(self, model: DeepSeekV3) -> dict[tuple, Mesh | None]:
+        """Per MoE layer path, the mesh whose ``ep`` axis splits its routed-weight gradients as
+        :meth:`loss_and_grads` returns them (the ``mesh`` of
+        :func:`dsjax.nn.moe.tie_expert_replica_grads`): the stages' layers are split over ``ep``;
+        the MTP block's are the executor's replicated loss parameters (None: tied locally, no
+        communication)."""
+        return {p: (self.mesh if p[0] == "layers" else None) for p, _ in moe_layers(model)}
 
     def set_loads(self, model: DeepSeekV3, loads: jax.Array) -> None:
         """Writes a step's loads [MoE layers (+ MTP), E] into the model's ExpertLoad variables (what

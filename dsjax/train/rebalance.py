@@ -33,7 +33,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsjax import eplb
-from dsjax.nn.moe import DeepSeekMoE, key_path, moe_layers, routed_weight_owner
+from dsjax.eplb.online import rank_loads
+from dsjax.nn.moe import DeepSeekMoE, moe_layers, routed_weight_owner
 
 _OP = "rebalance_model"
 
@@ -67,14 +68,6 @@ def _label(path: tuple) -> str:
     return ".".join(map(str, path))
 
 
-def _rank_load(load: np.ndarray, phy2log: np.ndarray, ep_size: int) -> np.ndarray:
-    """float [L, ep]: each rank's load when a replica carries load / (replicas of its expert)."""
-    e = load.shape[1]
-    cnt = np.stack([np.bincount(p, minlength=e) for p in phy2log])
-    share = load / np.maximum(cnt, 1)
-    return np.take_along_axis(share, phy2log, 1).reshape(load.shape[0], ep_size, -1).sum(-1)
-
-
 @functools.cache
 def _ring_mover(mesh: jax.sharding.Mesh, axis: str) -> Callable[..., jax.Array]:
     """Jitted relayout of a ``P(axis)``-sharded slot array by ring permutes under shard_map."""
@@ -106,7 +99,7 @@ def _relayout_state(obj: nnx.Module, layers: list[tuple[tuple, DeepSeekMoE]],
 
     def visit(path, x):
         nonlocal found
-        i = routed_weight_owner(key_path(path), layers)
+        i = routed_weight_owner(path, layers)
         if i is None or not hasattr(x, "shape") or x.ndim < 1 or x.shape[0] != num_slots:
             return x
         found += 1
@@ -211,7 +204,6 @@ def rebalance_model(model: nnx.Module, opt: nnx.Optimizer | None, load: jax.Arra
         _set_like(m.log2phy, res.log2phy[i])
         _set_like(m.logcnt, res.logcnt[i])
 
-    w = np.asarray(load, np.float64)
     stats = {k: eplb.balance_stats(load, p, ep_size) for k, p in
              (("before", old), ("after", res.phy2log), ("identity", None))}
     rec = {"step": step, "first_step": max(1, step - window + 1),
@@ -219,8 +211,8 @@ def rebalance_model(model: nnx.Module, opt: nnx.Optimizer | None, load: jax.Arra
            "imbalance_after": float(np.mean(stats["after"].imbalance)),
            "imbalance_identity": float(np.mean(stats["identity"].imbalance)),
            "replicas": num_slots,
-           "rank_load_before": _rank_load(w, before, ep_size).tolist(),
-           "rank_load_after": _rank_load(w, after, ep_size).tolist(),
+           "rank_load_before": np.asarray(rank_loads(load, old, ep_size)).tolist(),
+           "rank_load_after": np.asarray(rank_loads(load, res.phy2log, ep_size)).tolist(),
            "layers": [_label(p) for p, _ in layers],
            "moved_slots": int(np.sum(before != after)), "applied": applied}
     if log is not None:
