@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
+import signal
 import struct
 import threading
 import zlib
@@ -243,10 +245,14 @@ def test_reader_pickles_and_survives_fork(tmp_path):
         finally:
             os._exit(0)
     os.close(wfd)
-    got = os.read(rfd, 1)
+    # A hung child fails the test after 60 s instead of hanging the suite.
+    ready = select.select([rfd], [], [], 60)[0]
+    got = os.read(rfd, 1) if ready else b""
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     os.close(rfd)
-    assert got == b"1"
+    assert got == b"1", "the forked child did not answer within 60 s" if not ready else got
 
 
 def test_concurrent_reads_share_one_reader(tmp_path):
