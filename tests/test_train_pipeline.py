@@ -64,6 +64,15 @@ def test_dualpipe_step_equals_whole_model():
         err = float(jnp.linalg.norm(g - r) / jnp.maximum(jnp.linalg.norm(r), 1e-30))
         assert err < 1e-4, (jax.tree_util.keystr(path), err)
     np.testing.assert_array_equal(np.asarray(stats.loads), ref_loads)
+    # The MTP block's routed-weight gradients come back split over ep like the stages' (the
+    # executor's loss-parameter specs): each device holds its E/ep experts' rows only.
+    for w in ("w1", "w3", "w2"):
+        for path in (("layers", 1, "ffn", w), ("mtp", "block", "ffn", w)):
+            g = grads
+            for k in path:
+                g = g[k]
+            shard = (g[...] if isinstance(g, nnx.Variable) else g).addressable_shards[0].data
+            assert shard.shape[0] == cfg.n_routed_experts // 4, (path, shard.shape)
     # every rank ran every tick of the schedule: forwards of all 2 stages x 4 micro-batches
     log = np.asarray(stats.op_log)
     assert log.shape[0] == 2 and ((log[..., 0] == 1) | (log[..., 0] == 5)).sum() == 2 * 4

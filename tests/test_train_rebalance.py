@@ -176,10 +176,10 @@ def assert_step_collectives(hlo: str, *, slots: int, experts: int, dim: int, int
     of the ``K = min(P, 2(P - E))`` replicated slots' rows per routed weight of the ``layers`` MoE
     layers whose slots are split over ep, and no all-reduce of a whole ``[P, D, I]`` expert
     gradient (the global segment sum reduced every routed-weight gradient whole over the EP
-    ranks), except for the ``replicated_weights`` routed weights the step keeps whole on every
-    device on purpose (the pipeline's MTP block, a loss parameter of the DualPipe executor: one
-    all-gather in, one gradient all-reduce out, each). Also no integer all-gather: replica
-    routing runs per device, on its own tokens."""
+    ranks), except for the ``replicated_weights`` routed weights a step keeps whole on every
+    device on purpose (one all-gather in, one gradient all-reduce out, each; none in the steps
+    tested now). Also no integer all-gather: replica routing runs per device, on its own
+    tokens."""
     colls = hlo_collectives(hlo)
     k = min(slots, 2 * (slots - experts))
     full = {(slots, dim, inter), (slots, inter, dim)}

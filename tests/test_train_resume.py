@@ -62,13 +62,15 @@ def test_resume_gives_identical_losses(tokens, tmp_path, monkeypatch):
             arr = np.asarray(w[...])
             for e in range(moe.cfg.n_routed_experts):
                 assert (arr[phy == e] == arr[phy == e][0]).all(), e
-    # Compiled already (cached): the stages' 2 MoE layers tie by a [K, ...] psum per weight; the
-    # MTP block's 3 weights are the executor's replicated loss parameters (gathered whole in,
-    # gradients all-reduced whole out, both inside the executor) and tie locally, no traffic.
+    # Compiled already (cached): all 3 MoE layers (the stages' 2 and the MTP block's, whose routed
+    # weights the executor takes as loss parameters split over ep) tie by a [K, ...] psum per
+    # weight, and no whole [P, ...] expert array is gathered into the executor or its gradient
+    # all-reduced out of it (the MTP block's were, 3 of each, while the loss parameters were
+    # replicated).
     cfg = moe_layers(model)[0][1].cfg
     assert_step_collectives(step.lower(model, opt, batch).compile().as_text(),
                             slots=cfg.n_physical_experts, experts=cfg.n_routed_experts, dim=cfg.dim,
-                            inter=cfg.moe_inter_dim, layers=2, replicated_weights=3)
+                            inter=cfg.moe_inter_dim, layers=3)
     part = loop.train(_cfg(tokens, str(tmp_path / "b"), 3), log=logs.append)
     assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path / "b"))] == [3]
     changed = _cfg(tokens, str(tmp_path / "b"), 6, resume=True)

@@ -117,6 +117,12 @@ class DualPipe:
             leaves: how a leaf is split over non-pipeline mesh axes (e.g. ``P("ep")`` for routed
             experts ``[E, ...]``, so each device holds its ``E/R`` experts). A leaf's gradient is
             summed over the ``data_axes`` it is not split over.
+        loss_param_specs: ``loss_param_specs(path, leaf) -> PartitionSpec | None`` for the leaves of
+            :meth:`step_detailed`'s ``loss_params``, the same way: ``loss_fn`` receives each leaf's
+            per-device shard (e.g. the routed experts of an MoE block in the loss, ``P("ep")``,
+            run expert-parallel like a stage's) and the leaf's gradient comes back split the same
+            way, summed over the pipeline axis and the ``data_axes`` it is not split over. None
+            (the default) or a None entry: replicated, every device gets the whole leaf.
         with_stats: ``stage_fn`` and ``loss_fn`` return auxiliary losses and statistics (above).
 
     The gradients are those of the sum of the per-micro-batch losses (as DeepSeek's DualPipe
@@ -128,7 +134,7 @@ class DualPipe:
                  loss_fn: Callable[..., Any], *, schedule: Schedule, mesh: Mesh,
                  axis_name: str = "pp", overlapped_forward_backward: OverlapHook | None = None,
                  data_axes: Sequence[str] = (), param_specs: Callable[[Any, Any], Any] | None = None,
-                 with_stats: bool = False):
+                 with_stats: bool = False, loss_param_specs: Callable[[Any, Any], Any] | None = None):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"DualPipe: schedule must be a Schedule, got {type(schedule).__name__}")
         validate(schedule)
@@ -146,6 +152,7 @@ class DualPipe:
         self.schedule, self.mesh, self.axis_name = schedule, mesh, axis_name
         self.hook = overlapped_forward_backward or _sequential
         self.data_axes, self.param_specs, self.with_stats = data_axes, param_specs, with_stats
+        self.loss_param_specs = loss_param_specs
         self.num_shards = int(np.prod([mesh.shape[a] for a in data_axes])) if data_axes else 1
         self._plans: dict[bool, Plan] = {}
         self._jitted: dict[tuple[bool, bool], Callable] = {}
@@ -211,19 +218,28 @@ class DualPipe:
                                      f"{self.num_shards} devices of data_axes {self.data_axes}, got shape "
                                      f"{leaf.shape}")
 
-    def _leaf_specs(self, tree: Pytree) -> Pytree:
-        """Per leaf of one stage's params: the PartitionSpec entries after ``[pp, slots]``."""
-        if self.param_specs is None:
+    def _leaf_specs(self, tree: Pytree, loss: bool = False) -> Pytree:
+        """Per leaf of one stage's params (after ``[pp, slots]``) or of the loss parameters
+        (``loss``): its PartitionSpec entries over non-pipeline mesh axes."""
+        fn, what = (self.loss_param_specs, "loss_param_specs") if loss else (self.param_specs, "param_specs")
+        if fn is None:
             return jax.tree.map(lambda a: _LeafSpec((), ()), tree)
 
         def spec(path, leaf):
-            sp = self.param_specs(path, leaf)
+            sp = fn(path, leaf)
             sp = tuple(sp) if sp is not None else ()
             names = [a for e in sp if e is not None for a in (e if isinstance(e, tuple) else (e,))]
-            if len(sp) > leaf.ndim or any(a not in self.mesh.shape or a == self.axis_name for a in names):
-                raise ValueError(f"DualPipe: param_specs gave {sp} for the leaf at {jax.tree_util.keystr(path)} "
+            if (len(sp) > leaf.ndim or len(set(names)) != len(names)
+                    or any(a not in self.mesh.shape or a == self.axis_name for a in names)):
+                raise ValueError(f"DualPipe: {what} gave {sp} for the leaf at {jax.tree_util.keystr(path)} "
                                  f"of shape {leaf.shape}; expected at most {leaf.ndim} entries naming "
-                                 f"non-pipeline mesh axes")
+                                 f"non-pipeline mesh axes, each at most once")
+            for d, e in zip(leaf.shape, sp):
+                size = int(np.prod([self.mesh.shape[a] for a in (e if isinstance(e, tuple) else (e,))])) if e else 1
+                if d % size:
+                    raise ValueError(f"DualPipe: {what} gave {sp} for the leaf at {jax.tree_util.keystr(path)} "
+                                     f"of shape {leaf.shape}; expected dimensions divisible by the mesh axes "
+                                     f"that split them, got {d} over {e} of size {size}")
             return _LeafSpec(sp, tuple(names))
         return jax.tree_util.tree_map_with_path(spec, tree)
 
@@ -284,12 +300,19 @@ class DualPipe:
                                jnp.float32)
         rows = P(None, self.data_axes) if self.data_axes else P()
         label_specs = jax.tree.map(lambda _: rows, labels)
-        body = functools.partial(self._rank_program, plan, has_lp, leaf_specs)
+        # Loss parameters: whole on every device unless loss_param_specs splits them (then loss_fn
+        # sees the shards, and their gradients leave the program split the same way).
+        lp_leaf_specs = self._leaf_specs(loss_params, loss=True)
+        lp_specs = jax.tree.map(lambda sp: P(*sp.entries), lp_leaf_specs, is_leaf=is_spec)
+        if self.loss_param_specs is not None:
+            loss_params = jax.lax.with_sharding_constraint(
+                loss_params, jax.tree.map(lambda sp: NamedSharding(self.mesh, sp), lp_specs))
+        body = functools.partial(self._rank_program, plan, has_lp, leaf_specs, lp_leaf_specs)
         if train:
-            out_specs = (P(), dev_specs, P(ax), rows, P(), P(), P(ax), P())
+            out_specs = (P(), dev_specs, P(ax), rows, lp_specs, P(), P(ax), P())
         else:
             out_specs = rows
-        fn = _shard_map(body, mesh=self.mesh, in_specs=(in_specs, P(ax), rows, label_specs, P()),
+        fn = _shard_map(body, mesh=self.mesh, in_specs=(in_specs, P(ax), rows, label_specs, lp_specs),
                         out_specs=out_specs, check_vma=False)
         if not train:
             return fn(local, table, inputs, labels, loss_params)
@@ -299,8 +322,8 @@ class DualPipe:
         stats = [jax.tree.map(lambda a, i=i: a[i], stats) for i in self._first_copy]
         return losses, grads, dev, log, gx, lgrads, aux, stats, lstats
 
-    def _rank_program(self, plan: Plan, has_lp: bool, leaf_specs: Pytree, local: Pytree, table: jax.Array,
-                      inputs: jax.Array, labels: Pytree, loss_params: Pytree):
+    def _rank_program(self, plan: Plan, has_lp: bool, leaf_specs: Pytree, lp_leaf_specs: Pytree, local: Pytree,
+                      table: jax.Array, inputs: jax.Array, labels: Pytree, loss_params: Pytree):
         """The per-rank program: a scan over ticks of this rank's table row."""
         train, ax, pp = plan.train, self.axis_name, self.schedule.pp
         n = self.schedule.num_microbatches
@@ -556,7 +579,12 @@ class DualPipe:
         grads = [data_sum(g, skip=nm) / shards for g, nm in zip(grads, names)]
         zeros_n = [jnp.zeros((plan.num_slots,) + a.shape[1:], a.dtype) for a in split(jax.tree.leaves(local), diff)[1]]
         grads = jax.tree.unflatten(p_def, join(grads, zeros_n, diff))
-        lgr = [lax.psum(g, (ax,) + data) / shards for g in lacc]
+        # A loss parameter split over data axes holds only its shard's gradient: summed over the
+        # pipeline axis (only the last stage's rank computed it) and the data axes it is whole on.
+        lp_specs = jax.tree.leaves(lp_leaf_specs, is_leaf=lambda x: isinstance(x, _LeafSpec))
+        lp_names = [sp.names for sp in split(lp_specs, lp_diff)[0]]
+        lgr = [lax.psum(g, (ax,) + tuple(a for a in data if a not in nm)) / shards
+               for g, nm in zip(lacc, lp_names)]
         lzeros = [jnp.zeros(a.shape, a.dtype) for a in split(lp_leaves0, lp_diff)[1]]
         lgrads = jax.tree.unflatten(lp_def, join(lgr, lzeros, lp_diff))
         mean = (lambda x: lax.psum(x, data) / shards) if data else (lambda x: x)

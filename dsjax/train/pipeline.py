@@ -12,7 +12,10 @@ composition on a JAX mesh:
   are split over ``dp`` x ``ep`` and the routed experts run expert-parallel through DeepEP
   (:func:`dsjax.nn.ep.ep_local_experts`), each device holding its ``E/ep`` experts;
 * the last stage's loss function holds the final norm, the output head and the depth-1 MTP
-  module (whose MoE block is expert-parallel too).
+  module, whose MoE block is expert-parallel too: the executor hands the loss function its
+  routed weights split ``P("ep")`` (each device its ``P/ep`` slots, as in the stages) and returns
+  their gradients split the same way, so no device ever holds the whole ``[P, ...]`` MTP expert
+  array or its gradient.
 
 Gradients are those of the same loss as :func:`dsjax.nn.model.lm_loss` on the whole batch (the
 mean over micro-batches of their token means, the sequence-wise balance losses included): the
@@ -152,18 +155,24 @@ class Pipeline:
             return loss, stats
         return loss_fn
 
-    def _executor(self, gd_block, gds, block_moes: tuple[tuple, ...]) -> DualPipe:
-        """``block_moes``: the paths of the MoE layers inside one block (``(("ffn",),)``)."""
-        key = (gd_block, tuple(sorted(gds.items(), key=lambda kv: kv[0])), block_moes)
+    def _executor(self, gd_block, gds, block_moes: tuple[tuple, ...], mtp_moes: tuple[tuple, ...] = ()) -> DualPipe:
+        """``block_moes``: the paths of the MoE layers inside one block (``(("ffn",),)``);
+        ``mtp_moes``: those inside the MTP module (``(("block", "ffn"),)``), or none."""
+        key = (gd_block, tuple(sorted(gds.items(), key=lambda kv: kv[0])), block_moes, mtp_moes)
         if key not in self._executors:
             owners = [(p, None) for p in block_moes]
+            # the loss parameters' paths run (params | rest, "mtp", *layer path, weight)
+            lp_owners = [(("mtp",) + p, None) for p in mtp_moes]
 
             def specs(path, leaf):  # a stage's routed weights are split over ep like the model's
                 return P("ep") if routed_weight_owner(path, owners) is not None else None
 
+            def lp_specs(path, leaf):  # and so are the MTP block's, in the loss function
+                return P("ep") if routed_weight_owner(path, lp_owners) is not None else None
+
             self._executors[key] = DualPipe(self._stage_fn(gd_block), self._loss_fn(gds), schedule=self.schedule,
                                             mesh=self.mesh, data_axes=self.data_axes, param_specs=specs,
-                                            with_stats=True)
+                                            with_stats=True, loss_param_specs=lp_specs)
         return self._executors[key]
 
     # --------------------------------------------------------------- one step
@@ -217,7 +226,8 @@ class Pipeline:
         def to_mb(a):  # [B, ...] -> [n, B/n, ...], micro-batch m = rows m, m+n, ...
             return jnp.swapaxes(a.reshape((b // n, n) + a.shape[1:]), 0, 1)
 
-        ex = self._executor(gd_block, gds, tuple(p for p, _ in moe_layers(model.layers[nd])))
+        ex = self._executor(gd_block, gds, tuple(p for p, _ in moe_layers(model.layers[nd])),
+                            tuple(p for p, _ in moe_layers(model.mtp)) if has_mtp else ())
         res = ex.step_detailed(stage_args, to_mb(x), to_mb(tokens), loss_params=(lp_params, lp_rest))
         # The executor differentiates the SUM over micro-batches of their losses; the model's loss
         # is their mean (equal micro-batches), so every gradient is divided by n.
@@ -242,10 +252,9 @@ class Pipeline:
     def expert_meshes(self, model: DeepSeekV3) -> dict[tuple, Mesh | None]:
         """Per MoE layer path, the mesh whose ``ep`` axis splits its routed-weight gradients as
         :meth:`loss_and_grads` returns them (the ``mesh`` of
-        :func:`dsjax.nn.moe.tie_expert_replica_grads`): the stages' layers are split over ``ep``;
-        the MTP block's are the executor's replicated loss parameters (None: tied locally, no
-        communication)."""
-        return {p: (self.mesh if p[0] == "layers" else None) for p, _ in moe_layers(model)}
+        :func:`dsjax.nn.moe.tie_expert_replica_grads`): every MoE layer's, the stages' and the
+        MTP block's (split over ``ep`` by the executor's loss-parameter specs) alike."""
+        return {p: self.mesh for p, _ in moe_layers(model)}
 
     def set_loads(self, model: DeepSeekV3, loads: jax.Array) -> None:
         """Writes a step's loads [MoE layers (+ MTP), E] into the model's ExpertLoad variables (what
