@@ -121,22 +121,31 @@ const int32_t* S32(const ffi::AnyBuffer& x) {
   return static_cast<const int32_t*>(x.untyped_data());
 }
 
+// The fields every layout sets the same way; `index` is m_indices / masked_m (null for dense).
+Params MakeParams(const ffi::AnyBuffer& sa, const ffi::AnyBuffer& sb, const int32_t* index,
+                  ffi::Result<ffi::AnyBuffer>& d, const GemmDims& dims, int mode) {
+  Params p{};
+  p.sa = F32(sa);
+  p.sb = F32(sb);
+  p.d = d->untyped_data();
+  p.index = index;
+  p.m = dims.m;  // masked: m_max
+  p.n = dims.n;
+  p.sb_gs = mode == kDense ? 0 : CeilDiv(dims.n, kGroup) * CeilDiv(dims.k, kGroup);
+  p.groups = mode == kDense ? 1 : static_cast<int>(dims.groups);
+  p.mode = mode;
+  p.d_bf16 = d->element_type() == ffi::DataType::BF16;
+  return p;
+}
+
 ffi::Error DenseWgmma(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer sa, ffi::AnyBuffer b,
                       ffi::AnyBuffer sb, ffi::AnyBuffer c, ffi::Result<ffi::AnyBuffer> d,
                       bool b_per_row, bool has_c, std::string_view config) {
   const char* op = "dsjax_deep_gemm_fp8_gemm_nt_wgmma";
   GemmDims dims;
   DSJAX_RETURN_IF_ERROR(CheckDenseShapes(op, a, sa, b, sb, c, *d, b_per_row, has_c, &dims));
-  Params p{};
-  p.sa = F32(sa);
-  p.sb = F32(sb);
+  Params p = MakeParams(sa, sb, nullptr, d, dims, kDense);
   p.c = has_c ? F32(c) : nullptr;
-  p.d = d->untyped_data();
-  p.m = dims.m;
-  p.n = dims.n;
-  p.groups = 1;
-  p.mode = kDense;
-  p.d_bf16 = d->element_type() == ffi::DataType::BF16;
   return Launch(stream, op, config, a, dims.m, b, dims.n, dims.k, b_per_row, 1, p);
 }
 
@@ -147,17 +156,7 @@ ffi::Error ContiguousWgmma(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer
   GemmDims dims;
   DSJAX_RETURN_IF_ERROR(CheckContiguousShapes(op, a, sa, b, sb, m_indices, *d, &dims));
   if (dims.groups > 0x7FFFFFFF) return InvalidArgument(op, ": too many groups (", dims.groups, ")");
-  Params p{};
-  p.sa = F32(sa);
-  p.sb = F32(sb);
-  p.d = d->untyped_data();
-  p.index = S32(m_indices);
-  p.m = dims.m;
-  p.n = dims.n;
-  p.sb_gs = CeilDiv(dims.n, kGroup) * CeilDiv(dims.k, kGroup);
-  p.groups = static_cast<int>(dims.groups);
-  p.mode = kContiguous;
-  p.d_bf16 = d->element_type() == ffi::DataType::BF16;
+  Params p = MakeParams(sa, sb, S32(m_indices), d, dims, kContiguous);
   if (dims.groups == 0 && dims.m > 0 && dims.n > 0) {
     // Every row is padding (and B has no rows to describe to TMA): the output is zeros.
     const ConfigEntry* entry = nullptr;
@@ -179,17 +178,7 @@ ffi::Error MaskedWgmma(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer sa,
   const char* op = "dsjax_deep_gemm_m_grouped_fp8_gemm_nt_masked_wgmma";
   GemmDims dims;
   DSJAX_RETURN_IF_ERROR(CheckMaskedShapes(op, a, sa, b, sb, masked_m, *d, &dims));
-  Params p{};
-  p.sa = F32(sa);
-  p.sb = F32(sb);
-  p.d = d->untyped_data();
-  p.index = S32(masked_m);
-  p.m = dims.m;  // m_max
-  p.n = dims.n;
-  p.sb_gs = CeilDiv(dims.n, kGroup) * CeilDiv(dims.k, kGroup);
-  p.groups = static_cast<int>(dims.groups);
-  p.mode = kMasked;
-  p.d_bf16 = d->element_type() == ffi::DataType::BF16;
+  Params p = MakeParams(sa, sb, S32(masked_m), d, dims, kMasked);
   return Launch(stream, op, config, a, dims.groups * dims.m, b, dims.groups * dims.n, dims.k,
                 false, dims.groups, p);
 }
